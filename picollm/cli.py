@@ -1,0 +1,75 @@
+"""The `picollm` command line: one tool, one verb per job.
+
+Each verb lives in `picollm/commands/<verb>.py` with two functions:
+`add_arguments(parser)` declares its flags and `run(args) -> int` does the work (heavy imports
+inside `run`, so `--help` stays fast). A `UserError` raised anywhere becomes one line on stderr and
+exit code 2; any other exception is a bug and keeps its traceback (exit code 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from picollm.errors import UserError
+
+# verb -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("picollm.commands.prepare", "tokenize, split and cache a dataset"),
+    "models": ("picollm.commands.models", "list model presets or solve for a parameter count"),
+    "train": ("picollm.commands.train", "train a model from a config, preset and overrides"),
+    "eval": ("picollm.commands.eval", "NLL, perplexity, bits per byte and diversity of a model"),
+    "generate": ("picollm.commands.generate", "continue a prompt with a trained model"),
+    "study": ("picollm.commands.study", "run the whole comparison study and write its report"),
+    "report": ("picollm.commands.report", "rebuild a study's report from its run logs"),
+    "compare": ("picollm.commands.compare", "tables and plots comparing any runs"),
+    "bench": ("picollm.commands.bench", "measure training, evaluation and generation speed"),
+    "push": ("picollm.commands.push", "upload a run's final checkpoint to the Hugging Face hub"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag gives one line (not usage + error) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from picollm import __version__
+
+    parser = _Parser(prog="picollm", description="Train, evaluate and compare small language models.")
+    parser.add_argument("--version", action="version", version=f"picollm {__version__}")
+    verbs = parser.add_subparsers(dest="command", metavar="VERB", parser_class=_Parser)
+    for verb, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a verb whose module is not written yet is simply not offered
+        sub = verbs.add_parser(verb, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except UserError as exc:
+        print(f"picollm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"picollm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

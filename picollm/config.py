@@ -1,0 +1,328 @@
+"""Configuration: typed dataclasses, YAML files and dotted command-line overrides.
+
+A run is described by a `RunConfig` with three sections: `data` (what `prepare` builds), `model`
+(a family name plus that family's fields, validated by the family's own config dataclass) and
+`train` (the recipe). Every value is checked before any work starts: an unknown key, a wrong type
+or an impossible value raises `UserError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from picollm.errors import UserError
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------
+# generic dataclass <-> dict with validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (int->float widening allowed); return it."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return coerce(value, arg, key)
+            except UserError:
+                continue
+        raise UserError(f"config key '{key}': {value!r} is not {_type_name(tp)}")
+    if origin is typing.Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise UserError(f"config key '{key}': {value!r} is not {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise UserError(f"config key '{key}': expected null, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)  # 1e6 in YAML is a float
+        raise UserError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"config key '{key}': expected a string, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key '{key}': expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise UserError(f"config key '{key}': expected {len(args)} values, got {len(value)}")
+            return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        items = [coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=key)
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in a config class
+
+
+def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    where = f"'{prefix}'" if prefix else "the config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"config section {where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        dotted = ", ".join(f"{prefix + '.' if prefix else ''}{k}" for k in unknown)
+        raise UserError(f"unknown config key {dotted}; allowed in {where}: {', '.join(sorted(fields))}")
+    kwargs = {
+        name: coerce(value, hints[name], f"{prefix + '.' if prefix else ''}{name}")
+        for name, value in data.items()
+    }
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate()
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass as plain YAML/JSON-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value read as YAML: `3e-4` -> 0.0003, `true` -> True, `[1, 2]` -> list."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads "3e-4" as a string; accept it as a number.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """Apply `{"train.lr": 1e-3}`-style dotted keys onto a nested dict (copied)."""
+    import copy
+
+    result = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = result
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"override '{dotted}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    """Raise a UserError naming `key` unless `condition` holds."""
+    if not condition:
+        raise UserError(f"config key '{key}': {message}")
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# the sections
+
+
+@dataclass
+class DataConfig:
+    """What `picollm prepare` builds: source, sample, split, tokenizer."""
+
+    data: str = "hf:roneneldan/TinyStories"  # "hf:NAME" or a local file/folder
+    text_field: str = "text"  # column/key holding the story text (hf, jsonl, json, parquet)
+    format: str | None = None  # tinystories|jsonl|json|parquet|text; None = from the extension
+    hf_split: str = "train"  # which split of an hf: dataset to sample from
+    num_stories: int | None = None  # seeded random sample of N stories; None = all
+    split: tuple[float, float, float] = (0.98, 0.01, 0.01)  # train/val/test, whole stories
+    seed: int = 0
+    tokenizer: str = "gpt2"  # gpt2 | bpe:N
+    bpe_train_bytes: int = 200_000_000  # at most this much training text is read to learn bpe:N
+    encoding_errors: str = "strict"  # strict | replace (invalid UTF-8 in local files)
+    num_proc: int | None = None  # tokenizer worker processes; None = all cores
+    cache_dir: str = "~/.cache/picollm"
+
+    def validate(self) -> None:
+        check(len(self.split) == 3 and all(r >= 0 for r in self.split), "data.split",
+              "give three non-negative ratios train,val,test")
+        check(abs(sum(self.split) - 1.0) < 1e-6, "data.split",
+              f"ratios must sum to 1 (got {sum(self.split):g}), e.g. 0.98,0.01,0.01")
+        check(self.split[0] > 0, "data.split", "the train ratio must be positive")
+        check(self.num_stories is None or self.num_stories > 0, "data.num_stories", "must be positive")
+        check(self.encoding_errors in ("strict", "replace"), "data.encoding_errors",
+              "must be 'strict' or 'replace'")
+        check(self.num_proc is None or self.num_proc >= 1, "data.num_proc", "must be at least 1")
+        check(self.bpe_train_bytes > 0, "data.bpe_train_bytes", "must be positive")
+
+
+@dataclass
+class TrainConfig:
+    """The recipe. Defaults are the seed study's: AdamW 3e-4, cosine with 10% warmup, batch 64, 5 epochs."""
+
+    # optimisation
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.01
+    schedule: str = "cosine"  # cosine | linear | constant (each with linear warmup)
+    warmup_ratio: float = 0.1
+    min_lr: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    batch_size: int = 64  # sequences per optimizer step per process, before accumulation split
+    grad_accum: int = 1
+    # budget: the first of these that is set wins, in this order: max_steps, max_tokens, epochs
+    epochs: float = 5.0
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    # evaluation, checkpoints, logging
+    eval_interval: int = 200  # steps; 0 = only at the end
+    eval_batches: int = 16  # size of the fixed validation subset used during training
+    eval_batch_size: int | None = None  # default: batch_size
+    ckpt_interval: int = 1000  # steps; 0 = only at the end
+    keep_last: int = 2
+    patience: int | None = None  # early stopping after this many evaluations without improvement
+    log_interval: int = 10
+    sample_prompt: str = "Once upon a time"
+    sample_tokens: int = 32
+    max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+    seed: int = 0
+    # hardware
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    compile: bool = False
+    loss_chunk_tokens: int = 4096  # rows of logits computed at once in the chunked loss; 0 = plain loss
+    threads: int | None = None  # torch CPU threads; None = torch's default
+    # integrations
+    wandb: bool = False
+    wandb_project: str = "picollm"
+    wandb_run_name: str | None = None
+    push_to_hub: str | None = None
+
+    def validate(self) -> None:
+        check(self.optimizer in ("adamw", "adam", "sgd"), "train.optimizer", "use adamw, adam or sgd")
+        check(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
+        check(all(0 <= b < 1 for b in self.betas), "train.betas", "each beta must be in [0, 1)")
+        check(self.schedule in ("cosine", "linear", "constant"), "train.schedule",
+              "use cosine, linear or constant")
+        check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+        check(0 <= self.min_lr <= self.lr, "train.min_lr", "must be in [0, train.lr]")
+        check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+        check(self.batch_size >= 1, "train.batch_size", "must be at least 1")
+        check(self.grad_accum >= 1, "train.grad_accum", "must be at least 1")
+        check(self.batch_size % self.grad_accum == 0, "train.grad_accum",
+              f"must divide train.batch_size ({self.batch_size})")
+        check(self.epochs > 0, "train.epochs", "must be positive")
+        check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be at least 1")
+        check(self.max_tokens is None or self.max_tokens >= 1, "train.max_tokens", "must be at least 1")
+        check(self.eval_interval >= 0, "train.eval_interval", "must be >= 0")
+        check(self.eval_batches >= 1, "train.eval_batches", "must be at least 1")
+        check(self.ckpt_interval >= 0, "train.ckpt_interval", "must be >= 0")
+        check(self.keep_last >= 1, "train.keep_last", "must be at least 1")
+        check(self.patience is None or self.patience >= 1, "train.patience", "must be at least 1")
+        check(self.log_interval >= 1, "train.log_interval", "must be at least 1")
+        check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be at least 1")
+        check(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+              "train.device", "use auto, cpu, cuda, cuda:N or mps")
+        check(self.dtype in ("fp32", "bf16", "fp16"), "train.dtype", "use fp32, bf16 or fp16")
+        check(self.loss_chunk_tokens >= 0, "train.loss_chunk_tokens", "must be >= 0 (0 = plain loss)")
+        check(self.threads is None or self.threads >= 1, "train.threads", "must be at least 1")
+
+
+@dataclass
+class RunConfig:
+    """One training run: data, model (family + fields), recipe, output directory."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict = field(default_factory=lambda: {"family": "transformer"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str = "runs/run"
+
+    def validate(self) -> None:
+        from picollm.models.registry import model_config_from_dict
+
+        model_config_from_dict(self.model)  # raises UserError on a bad family or field
+
+
+def load_run_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                    preset: str | None = None) -> RunConfig:
+    """Resolve a RunConfig from an optional YAML file, an optional model preset and dotted overrides.
+
+    Precedence (last wins): defaults < preset < file < overrides.
+    """
+    data: dict = {}
+    if preset is not None:
+        from picollm.models.registry import preset_fields
+
+        data["model"] = preset_fields(preset)
+    if path is not None:
+        file_data = load_yaml(path)
+        if preset is not None and "model" in file_data:
+            file_data["model"] = {**data["model"], **(file_data["model"] or {})}
+        data.update(file_data)
+    data = apply_overrides(data, overrides or {})
+    return from_dict(RunConfig, data)

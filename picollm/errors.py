@@ -1,0 +1,10 @@
+"""The one exception type for a user's mistake.
+
+A `UserError` is bad input (a flag, path, config key, data file, checkpoint or prompt). The CLI prints
+its message as one line and exits with code 2. Anything else is a bug: it propagates with its
+traceback and exit code 1.
+"""
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message names the file, key or value and the fix."""

@@ -1,0 +1,103 @@
+"""The interface every model family implements, so that training, evaluation and generation
+never need to know which family they are running.
+
+A family provides:
+- a config dataclass deriving from `ModelConfig` (vocab size, context length, dropout + its own fields);
+- a module deriving from `LanguageModel` that implements `features`, `prefill` and `decode` and owns an
+  `output_layer` (`nn.Linear`, weight [vocab, d]).
+
+`forward(tokens)` = `output_layer(features(tokens))`. Training computes the loss from `features` and the
+output layer weight in chunks, so the full [B, T, V] logits tensor is never held at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from picollm.config import check
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50257
+    context_length: int = 256  # training window; for the Transformer also its maximum position
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        check(self.vocab_size >= 2, "model.vocab_size", "must be at least 2")
+        check(self.context_length >= 1, "model.context_length", "must be at least 1")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+
+
+class LanguageModel(nn.Module):
+    """Next-token predictor over a window, with incremental decoding."""
+
+    family: str = ""  # set by the registry when built through it
+    output_layer: nn.Linear
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    # --- what a family implements --------------------------------------------------------------
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] (int64) -> final hidden states [B, T, D], position t seeing tokens <= t."""
+        raise NotImplementedError
+
+    def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Run a prompt tokens [B, T] (T >= 1); return logits [B, V] at its last position and a state."""
+        raise NotImplementedError
+
+    def decode(self, tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """Append one token per row, tokens [B]; return logits [B, V] for the next position and the state."""
+        raise NotImplementedError
+
+    @property
+    def max_context(self) -> int | None:
+        """Most tokens the state may hold (a Transformer's positions); None = unbounded."""
+        return None
+
+    # --- provided ------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] (teacher forcing)."""
+        return self.output_layer(self.features(tokens))
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """Token/position embeddings and the output layer: what 'non-embedding' counts leave out."""
+        params = [m.weight for m in self.modules() if isinstance(m, nn.Embedding)]
+        params += list(self.output_layer.parameters())
+        return params
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        seen: set[int] = set()
+        total = 0
+        for p in self.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        if non_embedding:
+            emb_seen: set[int] = set()
+            for p in self.embedding_parameters():
+                if id(p) not in emb_seen:
+                    emb_seen.add(id(p))
+                    total -= p.numel()
+        return total
+
+    def flops_per_token(self, context: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward) ~= 6 x parameters used per token.
+
+        Families whose cost is not proportional to their parameters (attention) override this.
+        Embedding lookups are not matmuls, so only the output layer of the embedding parameters counts.
+        """
+        dense = self.num_parameters(non_embedding=True) + self.output_layer.weight.numel()
+        return 6 * dense
+
+    def generate(self, prompt: str | list[int], **kwargs: Any) -> Any:
+        """Continue a prompt; see `picollm.generation.generate` for the arguments."""
+        from picollm.generation import generate
+
+        return generate(self, prompt, **kwargs)
