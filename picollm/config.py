@@ -233,8 +233,8 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     min_lr: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    batch_size: int = 64  # sequences per optimizer step per process, before accumulation split
-    grad_accum: int = 1
+    batch_size: int = 64  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step: global batch = batch_size x ranks x grad_accum
     # budget: the first of these that is set wins, in this order: max_steps, max_tokens, epochs
     epochs: float = 5.0
     max_steps: int | None = None
@@ -274,8 +274,6 @@ class TrainConfig:
         check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
         check(self.batch_size >= 1, "train.batch_size", "must be at least 1")
         check(self.grad_accum >= 1, "train.grad_accum", "must be at least 1")
-        check(self.batch_size % self.grad_accum == 0, "train.grad_accum",
-              f"must divide train.batch_size ({self.batch_size})")
         check(self.epochs > 0, "train.epochs", "must be positive")
         check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be at least 1")
         check(self.max_tokens is None or self.max_tokens >= 1, "train.max_tokens", "must be at least 1")

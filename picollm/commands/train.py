@@ -1,0 +1,102 @@
+"""`picollm train`: train one model from a YAML config, a preset and dotted overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from picollm.errors import UserError
+
+SECTIONS = ("data", "model", "train")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with data/model/train sections")
+    parser.add_argument("--preset", help="model preset FAMILY-SIZE, e.g. transformer-pico (see `picollm models`)")
+    parser.add_argument("--out", help="run directory (default: runs/<preset or family>)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print parameters, tokens, FLOPs and estimated time; train nothing")
+    parser.add_argument("--fresh", action="store_true", help="start over even if --out holds checkpoints")
+    parser.add_argument("--data", help="shortcut for --data.data (hf:NAME or a local file/folder)")
+    parser.add_argument("--tokenizer", help="shortcut for --data.tokenizer (gpt2 or bpe:N)")
+    parser.add_argument("--device", help="shortcut for --train.device (auto|cpu|cuda|mps)")
+    parser.add_argument("--dtype", help="shortcut for --train.dtype (fp32|bf16|fp16)")
+    parser.add_argument("--compile", action="store_true", help="shortcut for --train.compile true")
+    parser.add_argument("--wandb", action="store_true", help="log to Weights & Biases (honours WANDB_MODE)")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the final checkpoint when done")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    parser.epilog = ("Any config key can be set with a dotted flag: --train.lr 1e-3 --model.n_layers 4 "
+                     "--data.num_stories 10000. Values are read as YAML.")
+    parser.set_defaults(accepts_overrides=True)
+
+
+def parse_overrides(extra: list[str]) -> dict[str, object]:
+    """['--train.lr', '1e-3', '--model.k=5'] -> {'train.lr': 0.001, 'model.k': 5}."""
+    from picollm.config import parse_value
+
+    overrides: dict[str, object] = {}
+    i = 0
+    while i < len(extra):
+        flag = extra[i]
+        if not flag.startswith("--") or "." not in flag:
+            raise UserError(f"unrecognized argument '{flag}'; config overrides look like --train.lr 1e-3")
+        key, eq, value = flag[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra) or (extra[i + 1].startswith("--") and "." in extra[i + 1]):
+                raise UserError(f"override '{flag}' needs a value, e.g. {flag} 1e-3")
+            value = extra[i + 1]
+            i += 1
+        section = key.split(".", 1)[0]
+        if section not in SECTIONS:
+            raise UserError(f"override '--{key}': unknown section '{section}'; use one of {', '.join(SECTIONS)}")
+        overrides[key.replace("-", "_")] = parse_value(value)
+        i += 1
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    from picollm.config import load_run_config
+
+    overrides = parse_overrides(args.overrides)
+    shortcuts = {"data.data": args.data, "data.tokenizer": args.tokenizer, "train.device": args.device,
+                 "train.dtype": args.dtype, "train.push_to_hub": args.push_to_hub}
+    for key, value in shortcuts.items():
+        if value is not None:
+            overrides.setdefault(key, value)
+    if args.compile:
+        overrides.setdefault("train.compile", True)
+    if args.wandb:
+        overrides.setdefault("train.wandb", True)
+
+    from picollm.training.trainer import dry_run, resume_run, train
+
+    if args.resume:
+        if args.config or args.preset:
+            raise UserError("--resume continues a run from its own config.yaml; drop --config/--preset")
+        result = resume_run(args.resume, progress=not args.no_progress, overrides=overrides)
+    else:
+        if args.config is None and args.preset is None and "model.family" not in overrides:
+            raise UserError("say what to train: --preset transformer-pico, --config FILE.yaml or --model.family NAME")
+        name = args.preset or "run"
+        if args.out is not None:
+            overrides["out"] = args.out
+        elif args.config is None:
+            overrides["out"] = f"runs/{name}"
+        config = load_run_config(args.config, overrides, preset=args.preset)
+        if args.dry_run:
+            report = dry_run(config)
+            if args.json:
+                print(json.dumps(report))
+            else:
+                for key, value in report.items():
+                    print(f"{key:>30}: {value:,.4g}" if isinstance(value, float) else f"{key:>30}: {value}")
+            return 0
+        result = train(config, resume=not args.fresh, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps({"directory": str(result.directory), **result.summary}))
+    else:
+        print(f"run directory: {result.directory}", file=sys.stderr)
+    return 0 if result.summary.get("status") != "interrupted" else 130

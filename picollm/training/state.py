@@ -1,0 +1,73 @@
+"""Training state beside each checkpoint, in safetensors + JSON (never pickle).
+
+`optimizer.safetensors` holds every tensor of the optimizer state (keys `state.<param>.<name>`) and
+the RNG states; `trainer_state.json` holds the rest: step, data position, param groups, best loss.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from picollm.checkpoint import load_state_dict
+from picollm.errors import UserError
+
+STATE_FILE = "trainer_state.json"
+TENSORS_FILE = "optimizer.safetensors"
+
+
+def write_training_state(directory: Path, optimizer: torch.optim.Optimizer, progress: dict[str, Any],
+                         scaler: torch.amp.GradScaler | None = None) -> None:
+    opt = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entries in opt["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    save_file(tensors, str(directory / TENSORS_FILE))
+    state = {
+        "progress": progress,
+        "param_groups": opt["param_groups"],
+        "optimizer_scalars": scalars,
+        "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+    }
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+
+
+def read_training_state(directory: Path, optimizer: torch.optim.Optimizer,
+                        scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+    """Restore optimizer, RNG and scaler state from `directory`; return the progress dict."""
+    path = directory / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {directory} is a model checkpoint, not a resumable one") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); resume from an earlier checkpoint") from None
+    tensors = load_state_dict(directory / TENSORS_FILE)
+    opt_state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[name] = value
+    for index, entries in state["optimizer_scalars"].items():
+        opt_state.setdefault(int(index), {}).update(entries)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    if scaler is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
+    return state["progress"]
