@@ -86,7 +86,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         inner = args[0] if args else Any
         items = [coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise UserError(f"config key '{key}': expected a mapping, got {value!r}")
         return dict(value)

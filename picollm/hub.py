@@ -46,7 +46,8 @@ def model_card(checkpoint: Path, run: Path | None) -> str:
                   yaml.safe_dump({"data": recipe.get("data"), "train": recipe.get("train")}, sort_keys=False),
                   "```", ""]
     if summary:
-        lines += ["## Final metrics", "", "| split | NLL (nats/token) | perplexity | bits per byte |", "|---|---|---|---|"]
+        lines += ["## Final metrics", "", "| split | NLL (nats/token) | perplexity | bits per byte |",
+                  "|---|---|---|---|"]
         for split in ("train", "val", "test"):
             if split in summary:
                 m = summary[split]
@@ -87,7 +88,7 @@ def push(path: str | Path, repo_id: str, private: bool = False) -> str:
 def download(repo_id: str) -> Path:
     """Fetch (or find in the local cache) a checkpoint repo; honours HF_HUB_OFFLINE=1."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=ALLOWED_FILES))

@@ -105,3 +105,14 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.startswith("."))
+
+
+def remove_partial_writes(out: Path) -> None:
+    """Delete temporary directories left by a kill during an atomic write; they were never visible."""
+    import shutil
+
+    for parent in (out, out / CHECKPOINTS):
+        if parent.is_dir():
+            for tmp in parent.glob(".*.tmp"):
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)

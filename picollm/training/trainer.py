@@ -341,11 +341,11 @@ class _Trainer:
 
             os._exit(99)
 
-    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+    def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
 
     def run(self) -> RunResult:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         device = resolve_device(t.device)
         d = init_distributed(device.type)
         if d.enabled and device.type == "cuda":
@@ -392,6 +392,8 @@ class _Trainer:
         # where to start: a fresh run, or the latest complete checkpoint
         progress_state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "best_val_loss": None,
                           "evals_since_best": 0, "bad_steps": 0, "skipped_steps": 0, "elapsed": 0.0}
+        if d.is_main:
+            run_dir.remove_partial_writes(out)
         checkpoints = run_dir.checkpoint_dirs(out) if self.resume else []
         if not self.resume and out.exists() and any(out.iterdir()):
             if d.is_main:
