@@ -1,0 +1,563 @@
+"""`prepare`: sample, split and tokenize a source into memory-mapped token files, cached.
+
+Layout of a prepared directory (`<cache_dir>/prepared/<name>-<key>/`):
+
+- `{train,val,test}.bin`: the split's token stream, raw little-endian uint16 (vocab <= 65,536) or
+  uint32. Each story contributes `[eot] + encode(story)`, stories in source order.
+- `{train,val,test}.offsets.npy`: int64 index of each story's first token (its leading eot).
+- `manifest.json`: per split, the story indices (position among the source's non-empty stories) and
+  a sha256 of the story texts.
+- `meta.json`: source, sample, seed, tokenizer, counts, bytes, bytes per token, throughput.
+- the tokenizer files (`tokenizer_config.json`, plus `tokenizer.json` for bpe:N).
+
+The directory is built in a hidden temporary sibling and renamed into place, and every file size
+is checked against `meta.json` when it is opened, so a build killed midway is never used.
+
+Stories are read three times, streaming: once to count them (and their byte lengths), which fixes the
+sample and the split; for bpe:N once more for the tokenizer's training text; and once to tokenize,
+in chunks handed to worker processes and appended to the token files as they come back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from array import array
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from picollm.config import DataConfig, to_dict
+from picollm.data.loader import seeded_permutation
+from picollm.data.sources import iter_stories, source_identity
+from picollm.data.tokenizer import Tokenizer, get_tokenizer, load_tokenizer, parse_spec, train_bpe
+from picollm.errors import UserError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"
+CHUNK_BYTES = 1 << 20  # story text per tokenization task
+BYTES_COUNTED = ("UTF-8 bytes of each story's text (surrounding whitespace stripped) plus 1 per story "
+                 "for the separator; the same for every tokenizer")
+CONTENT_HASH = ("sha256 over the split's stories in order, each as its UTF-8 byte length "
+                "(8 bytes, little-endian) followed by its UTF-8 bytes")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+@dataclass
+class PreparedData:
+    """A prepared dataset: token streams, story offsets and counts per split ("train", "val", "test")."""
+
+    directory: Path
+    meta: dict
+    tokenizer: Tokenizer
+    cached: bool = False  # True when `prepare` found it ready instead of building it
+    _offsets: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, directory: str | Path) -> PreparedData:
+        """Open and verify a prepared directory; UserError naming the damaged file otherwise."""
+        directory = Path(directory).expanduser()
+        meta_path = directory / META_FILE
+        if not meta_path.is_file():
+            raise UserError(f"{meta_path} is missing; {directory} is not prepared data (or is incomplete)")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            splits = meta["splits"]
+            dtype = np.dtype(meta["dtype"])
+            version = meta["picollm_data_format"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{meta_path} is damaged ({exc}); prepare the data again") from None
+        if version != FORMAT_VERSION:
+            raise UserError(f"{directory} holds prepared-data format {version}, this picollm reads "
+                            f"{FORMAT_VERSION}; prepare the data again")
+        if not (directory / MANIFEST_FILE).is_file():
+            raise UserError(f"{directory / MANIFEST_FILE} is missing; prepare the data again")
+        data = cls(directory, meta, load_tokenizer(directory))
+        if data.tokenizer.name != meta.get("tokenizer") or data.tokenizer.eot_id != meta.get("eot_id"):
+            raise UserError(f"{directory}: the tokenizer files do not match {META_FILE}; "
+                            "prepare the data again")
+        for split in SPLITS:
+            if split not in splits:
+                raise UserError(f"{meta_path} has no '{split}' split; prepare the data again")
+            path = directory / f"{split}.bin"
+            expected = splits[split]["tokens"] * dtype.itemsize
+            size = path.stat().st_size if path.is_file() else None
+            if size != expected:
+                raise UserError(f"{path} holds {size} bytes, {META_FILE} expects {expected}; "
+                                "the file is truncated or damaged: prepare the data again")
+            offsets = data.story_offsets(split)
+            n = splits[split]["stories"]
+            if len(offsets) != n or (n and (offsets[0] != 0 or offsets[-1] >= splits[split]["tokens"]
+                                             or data.tokens(split)[offsets[-1]] != data.tokenizer.eot_id)):
+                raise UserError(f"{directory / (split + '.offsets.npy')} does not match {split}.bin; "
+                                "prepare the data again")
+        return data
+
+    def tokens(self, split: str) -> np.ndarray:
+        """The split's token stream, a read-only 1-D memmap."""
+        n = self._split(split)["tokens"]
+        dtype = np.dtype(self.meta["dtype"])
+        if n == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(self.directory / f"{split}.bin", dtype=dtype, mode="r", shape=(n,))
+
+    def story_offsets(self, split: str) -> np.ndarray:
+        """int64 index in `tokens(split)` of each story's first token (its leading eot)."""
+        self._split(split)
+        if split not in self._offsets:
+            path = self.directory / f"{split}.offsets.npy"
+            try:
+                offsets = np.load(path)
+            except (OSError, ValueError, EOFError) as exc:
+                raise UserError(f"{path} is missing or damaged ({exc}); prepare the data again") from None
+            self._offsets[split] = offsets.astype(np.int64, copy=False).reshape(-1)
+        return self._offsets[split]
+
+    def num_bytes(self, split: str) -> int:
+        """UTF-8 bytes of the split's stories + 1 per story (see docs/data.md)."""
+        return int(self._split(split)["bytes"])
+
+    def num_tokens(self, split: str) -> int:
+        """Tokens in the split's stream (story tokens + one eot per story)."""
+        return int(self._split(split)["tokens"])
+
+    def num_stories(self, split: str) -> int:
+        return int(self._split(split)["stories"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def _split(self, split: str) -> dict[str, Any]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        return self.meta["splits"][split]
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+
+
+def cache_key(cfg: DataConfig) -> tuple[str, dict[str, Any]]:
+    """(hex key, the inputs it hashes): everything that changes the prepared data, nothing else."""
+    kind, _ = parse_spec(cfg.tokenizer)
+    inputs: dict[str, Any] = {
+        "picollm_data_format": FORMAT_VERSION,
+        "source": source_identity(cfg.data, cfg.format, cfg.hf_split),
+        "text_field": cfg.text_field,
+        "format": cfg.format,
+        "num_stories": cfg.num_stories,
+        "split": [float(r) for r in cfg.split],
+        "seed": cfg.seed,
+        "tokenizer": cfg.tokenizer,
+        "encoding_errors": cfg.encoding_errors,
+    }
+    if kind == "bpe":
+        inputs["bpe_train_bytes"] = cfg.bpe_train_bytes
+    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest(), inputs
+
+
+def cache_path(cfg: DataConfig) -> Path:
+    """Where `prepare(cfg)` keeps its result."""
+    key, _ = cache_key(cfg)
+    return Path(cfg.cache_dir).expanduser() / "prepared" / f"{_slug(cfg)}-{key[:16]}"
+
+
+def _slug(cfg: DataConfig) -> str:
+    base = cfg.data[3:] if cfg.data.startswith("hf:") else Path(cfg.data).expanduser().name
+    base = Path(base).stem if not cfg.data.startswith("hf:") else base
+    text = f"{base}-{cfg.tokenizer}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:60] or "data"
+
+
+@contextlib.contextmanager
+def _locked(path: Path, report: _Progress) -> Iterator[None]:
+    """An exclusive lock on `path` (so ranks preparing the same data build it once)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock; the atomic rename still keeps the cache sound
+        yield
+        return
+    with open(path, "a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            report.line(f"waiting for another prepare of the same data to finish ({path} is locked)")
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def prepare(cfg: DataConfig, progress: bool = True) -> PreparedData:
+    """The prepared data for `cfg`, from the cache when it is there and sound, else built now."""
+    cfg.validate()
+    parse_spec(cfg.tokenizer)
+    final = cache_path(cfg)
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    report = _Progress(progress)
+    with _locked(root / f".{final.name}.lock", report):
+        if final.exists():
+            try:
+                data = PreparedData.open(final)
+                data.cached = True
+                return data
+            except UserError as exc:
+                # said even without progress output: a damaged cache should not go unnoticed
+                print(f"prepare: cached data is unusable ({exc}); rebuilding it", file=sys.stderr, flush=True)
+        for stale in root.glob(f".{final.name}.*.tmp"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
+        try:
+            tmp.chmod(0o755)  # mkdtemp's 0700 would keep a shared cache from other users
+            _build(cfg, tmp, report)
+            for f in tmp.iterdir():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            from picollm.checkpoint import is_disk_full
+
+            if is_disk_full(exc):
+                raise UserError(f"no space left on device in {root} while preparing {final.name}; free some "
+                                "space or pass another --cache-dir") from None
+            raise
+    return PreparedData.open(final)
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+
+
+class _Progress:
+    """Phase lines on stderr; live counters only on a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.live = enabled and sys.stderr.isatty()
+        self._last = 0.0
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(f"prepare: {text}", file=sys.stderr, flush=True)
+
+    def update(self, text: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.live and (force or now - self._last > 0.5):
+            self._last = now
+            print(f"\rprepare: {text}\033[K", end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.live:
+            print(file=sys.stderr, flush=True)
+
+
+def _stories(cfg: DataConfig) -> Any:
+    return iter_stories(cfg.data, text_field=cfg.text_field, format=cfg.format,
+                        encoding_errors=cfg.encoding_errors, hf_split=cfg.hf_split)
+
+
+def split_sizes(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Stories per split: val and test rounded (at least 1 when their ratio is positive), train the rest."""
+    val, test = (max(1, round(n * r)) if r > 0 else 0 for r in ratios[1:])
+    train = n - val - test
+    if train < 1:
+        raise UserError(f"{n} stories are too few for the split {','.join(f'{r:g}' for r in ratios)}: "
+                        "train would be empty; use more stories")
+    return train, val, test
+
+
+def assign_splits(num_source: int, num_stories: int | None, ratios: tuple[float, float, float],
+                  seed: int) -> np.ndarray:
+    """int8 per source story: 0 train, 1 val, 2 test, -1 not sampled. Depends only on the arguments."""
+    n = num_source if num_stories is None else num_stories
+    order = seeded_permutation(num_source, seed, 0)[:n]
+    train, val, _ = split_sizes(n, ratios)
+    assign = np.full(num_source, -1, dtype=np.int8)
+    assign[order[:train]] = 0
+    assign[order[train:train + val]] = 1
+    assign[order[train + val:]] = 2
+    return assign
+
+
+def _count(cfg: DataConfig, report: _Progress) -> tuple[np.ndarray, Any]:
+    stream = _stories(cfg)
+    lengths = array("q")
+    for text in stream:
+        lengths.append(len(text.encode("utf-8")))
+        if len(lengths) % 10000 == 0:
+            report.update(f"counting stories: {len(lengths):,}")
+    report.update(f"counting stories: {len(lengths):,}", force=True)
+    report.done()
+    return np.frombuffer(lengths, dtype=np.int64) if lengths else np.zeros(0, np.int64), stream
+
+
+def _train_tokenizer(cfg: DataConfig, assign: np.ndarray, lengths: np.ndarray, seed_order: np.ndarray,
+                     report: _Progress) -> tuple[Tokenizer, dict[str, Any]]:
+    _, vocab = parse_spec(cfg.tokenizer)
+    assert vocab is not None
+    # A seeded random subset of the training stories, within the byte budget.
+    train_order = seed_order[assign[seed_order] == 0]
+    fits = np.cumsum(lengths[train_order]) <= cfg.bpe_train_bytes
+    chosen = train_order[: max(1, int(np.count_nonzero(fits)))]
+    mask = np.zeros(len(assign), dtype=bool)
+    mask[chosen] = True
+    total = int(lengths[chosen].sum())
+    report.line(f"training {cfg.tokenizer} on {len(chosen):,} training stories ({total / 1e6:.1f} MB)")
+
+    def texts() -> Iterator[str]:
+        left = len(chosen)
+        for i, text in enumerate(_stories(cfg)):
+            if mask[i]:
+                yield text
+                left -= 1
+                if left == 0:
+                    return
+
+    start = time.perf_counter()
+    tokenizer = train_bpe(texts(), vocab)
+    info = {"train_stories": len(chosen), "train_bytes": total, "budget_bytes": cfg.bpe_train_bytes,
+            "seconds": round(time.perf_counter() - start, 3), "vocab_size": tokenizer.vocab_size}
+    return tokenizer, info
+
+
+# worker side: the tokenizer is set once per process
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _init_worker(tokenizer: Tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def tokenize_chunk(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(stream, lengths): `[eot] + encode(t)` for each text, concatenated; each story's stream length."""
+    encoded = tokenizer.encode_batch(texts)
+    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+    total = int(lengths.sum())
+    stream = np.empty(total, dtype=dtype)
+    starts = np.cumsum(lengths) - lengths
+    body = np.ones(total, dtype=bool)
+    body[starts] = False
+    stream[starts] = tokenizer.eot_id
+    flat = np.fromiter((i for ids in encoded for i in ids), dtype=np.int64, count=total - len(encoded))
+    if len(flat) and (flat.max() >= tokenizer.vocab_size or flat.min() < 0
+                      or (flat == tokenizer.eot_id).any()):
+        raise RuntimeError(f"{tokenizer.name} produced an id outside its vocabulary or an eot from text")
+    stream[body] = flat
+    return stream, lengths
+
+
+def _worker_tokenize(groups: dict[int, list[str]], dtype: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    assert _WORKER_TOKENIZER is not None
+    return {s: tokenize_chunk(_WORKER_TOKENIZER, texts, np.dtype(dtype)) for s, texts in groups.items()}
+
+
+def _pool(workers: int, tokenizer: Tokenizer) -> Any:
+    # fork shares the loaded tokenizer and skips re-importing picollm (and torch) in each worker.
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    ctx = mp.get_context(method)
+    had = "TOKENIZERS_PARALLELISM" in os.environ
+    # HF tokenizers warns at fork when the parent used its thread pool (bpe training); workers are
+    # single-threaded by design, so say so before forking.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
+    finally:
+        if not had:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+
+
+def _num_workers(cfg: DataConfig, total_bytes: int) -> int:
+    if cfg.num_proc is not None:
+        wanted = cfg.num_proc
+    else:
+        try:
+            wanted = len(os.sched_getaffinity(0))
+        except AttributeError:
+            wanted = os.cpu_count() or 1
+    return max(1, min(wanted, -(-total_bytes // CHUNK_BYTES)))
+
+
+def _build(cfg: DataConfig, out: Path, report: _Progress) -> dict[str, Any]:
+    key, inputs = cache_key(cfg)
+    source = cfg.data
+    report.line(f"reading {source}")
+    lengths, counted = _count(cfg, report)
+    num_source = len(lengths)
+    if num_source == 0:
+        raise UserError(f"{source} holds no stories ({counted.dropped_empty} empty or whitespace-only "
+                        "dropped); pass a file or folder with text")
+    if cfg.num_stories is not None and cfg.num_stories > num_source:
+        raise UserError(f"--num-stories {cfg.num_stories:,} asks for more stories than {source} has "
+                        f"({num_source:,}); lower it or leave it out to use all")
+    assign = assign_splits(num_source, cfg.num_stories, cfg.split, cfg.seed)
+    order = seeded_permutation(num_source, cfg.seed, 0)
+
+    kind, _ = parse_spec(cfg.tokenizer)
+    bpe_info = None
+    if kind == "bpe":
+        tokenizer, bpe_info = _train_tokenizer(cfg, assign, lengths, order, report)
+    else:
+        tokenizer = get_tokenizer(cfg.tokenizer)
+    dtype = token_dtype(tokenizer.vocab_size)
+    selected_bytes = int(lengths[assign >= 0].sum())
+    workers = _num_workers(cfg, selected_bytes)
+
+    files = [open(out / f"{split}.bin", "wb") for split in SPLITS]
+    story_lengths: list[list[np.ndarray]] = [[] for _ in SPLITS]
+    hashers = [hashlib.sha256() for _ in SPLITS]
+    nbytes = [0, 0, 0]
+    ntokens = [0, 0, 0]
+    seen = 0
+
+    def write(result: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        for s, (stream, lens) in result.items():
+            files[s].write(stream.tobytes())
+            story_lengths[s].append(lens)
+            ntokens[s] += len(stream)
+
+    report.line(f"tokenizing {int((assign >= 0).sum()):,} stories ({selected_bytes / 1e6:.1f} MB) with "
+                f"{tokenizer.name}, {workers} worker{'s' if workers > 1 else ''}")
+    start = time.perf_counter()
+    pool = _pool(workers, tokenizer) if workers > 1 else None
+    pending: deque[Any] = deque()
+    try:
+        stream = _stories(cfg)
+        groups: dict[int, list[str]] = {}
+        group_bytes = 0
+        done_bytes = 0
+
+        def flush() -> None:
+            nonlocal groups, group_bytes
+            if not groups:
+                return
+            if pool is None:
+                write({s: tokenize_chunk(tokenizer, texts, dtype) for s, texts in groups.items()})
+            else:
+                pending.append(pool.apply_async(_worker_tokenize, (groups, dtype.str)))
+                while len(pending) > 2 * workers:
+                    write(pending.popleft().get())
+            groups, group_bytes = {}, 0
+
+        for i, text in enumerate(stream):
+            seen = i + 1
+            if i >= num_source:
+                break
+            s = int(assign[i])
+            if s < 0:
+                continue
+            raw = text.encode("utf-8")
+            hashers[s].update(len(raw).to_bytes(8, "little"))
+            hashers[s].update(raw)
+            nbytes[s] += len(raw) + 1
+            groups.setdefault(s, []).append(text)
+            group_bytes += len(raw)
+            done_bytes += len(raw)
+            if group_bytes >= CHUNK_BYTES:
+                flush()
+                elapsed = time.perf_counter() - start
+                report.update(f"tokenizing: {done_bytes / max(selected_bytes, 1):.0%} "
+                              f"({done_bytes / 1e6 / max(elapsed, 1e-9):.1f} MB/s)")
+        flush()
+        while pending:
+            write(pending.popleft().get())
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        for f in files:
+            f.close()
+    seconds = time.perf_counter() - start
+    report.done()
+    if seen != num_source:
+        raise UserError(f"{source} changed while it was being prepared ({num_source:,} stories, then "
+                        f"{seen:,}); prepare again once it is stable")
+
+    splits: dict[str, Any] = {}
+    manifest: dict[str, Any] = {
+        "picollm_data_format": FORMAT_VERSION, "seed": cfg.seed, "split": list(cfg.split),
+        "num_stories": cfg.num_stories, "source_stories": num_source,
+        "index": "position of the story among the source's non-empty stories, 0-based, in reading order",
+        "content_hash": CONTENT_HASH, "splits": {},
+    }
+    for s, split in enumerate(SPLITS):
+        lens = np.concatenate(story_lengths[s]) if story_lengths[s] else np.zeros(0, np.int64)
+        offsets = np.cumsum(lens) - lens
+        np.save(out / f"{split}.offsets.npy", offsets.astype(np.int64))
+        indices = np.flatnonzero(assign == s)
+        assert len(indices) == len(lens)
+        splits[split] = _split_counts(len(lens), ntokens[s], nbytes[s], hashers[s].hexdigest())
+        manifest["splits"][split] = {"stories": len(lens), "sha256": hashers[s].hexdigest(),
+                                     "indices": indices.tolist()}
+    total_tokens = sum(ntokens)
+    total = _split_counts(sum(v["stories"] for v in splits.values()), total_tokens, sum(nbytes), None)
+    tokenizer.save(out)
+    from picollm import __version__
+
+    meta: dict[str, Any] = {
+        "picollm_data_format": FORMAT_VERSION,
+        "picollm_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "key": key,
+        "config": {k: v for k, v in to_dict(cfg).items() if k not in ("num_proc", "cache_dir")},
+        "source": source,
+        "source_identity": inputs["source"],
+        "source_files": len(counted.files),
+        "source_stories": num_source,
+        "dropped_empty": counted.dropped_empty,
+        "replacements": counted.replacements,
+        "num_stories": cfg.num_stories,
+        "seed": cfg.seed,
+        "split": list(cfg.split),
+        "tokenizer": tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "dtype": dtype.name,
+        "bpe": bpe_info,
+        "bytes_counted": BYTES_COUNTED,
+        "tokens_counted": "story tokens plus one end-of-text token before each story",
+        "splits": splits,
+        "total": total,
+        "num_proc": workers,
+        "tokenize_seconds": round(seconds, 3),
+        "tokens_per_second": round(total_tokens / max(seconds, 1e-9), 1),
+        "megabytes_per_second": round(sum(nbytes) / 1e6 / max(seconds, 1e-9), 3),
+    }
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest) + "\n", encoding="utf-8")
+    # meta.json last: a directory without it is never mistaken for a finished one
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
+
+
+def _split_counts(stories: int, tokens: int, nbytes: int, sha256: str | None) -> dict[str, Any]:
+    counts: dict[str, Any] = {
+        "stories": stories, "tokens": tokens, "story_tokens": tokens - stories, "eot_tokens": stories,
+        "bytes": nbytes, "bytes_per_token": round(nbytes / tokens, 4) if tokens else None,
+    }
+    if sha256 is not None:
+        counts["sha256"] = sha256
+    return counts
