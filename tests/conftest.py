@@ -18,8 +18,12 @@ def sample_path() -> Path:
 
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
+    # one thread: tiny test tensors gain nothing from two, and lose a lot when the cores are busy
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -1,0 +1,397 @@
+"""Evaluation: negative log-likelihood, perplexity and bits per byte on a token stream, and diversity.
+
+Protocol (see docs/evaluation.md):
+
+- The split is one packed token stream, each story `[eot] + encode(story)`. The stream's N tokens
+  give N - 1 next-token predictions (every token but the first is a target).
+- It is cut into non-overlapping windows of `context_length` inputs: window i reads tokens
+  [i*C, i*C + C) and predicts tokens [i*C + 1, i*C + C + 1); the last window is shorter. Every target
+  is counted exactly once, and each window starts from an empty state (the prediction at window
+  position t reads t + 1 tokens; an LSTM starts from zeros), cut as the training loader cuts them.
+- nll = total NLL / number of targets (nats per token); ppl = exp(nll);
+  bpb = total NLL / ln 2 / bytes, where bytes = the UTF-8 bytes of the stories' text plus 1 per story
+  for its separator (the data pipeline's `num_bytes(split)`). bpb does not depend on the tokenizer, so
+  it compares models with different tokenizers; nll and ppl do not.
+- `max_windows` evaluates only the first `max_windows` windows (a fixed subset, the same at every
+  call: what the trainer uses during training). Their byte count is estimated as
+  bytes x (targets evaluated / all targets), i.e. the split's mean bytes per token.
+
+The loss is `picollm.loss.linear_cross_entropy` over the model's features and output layer (what
+`model_loss` computes), a chunk of rows at a time, so the [B, T, V] logits are never held at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from picollm.errors import UserError
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class EvalResult:
+    nll: float  # mean NLL per target token, nats
+    ppl: float  # exp(nll)
+    bpb: float | None  # total NLL in bits / bytes; None when the byte count is unknown
+    tokens: int  # target tokens evaluated
+    bytes: float | None  # bytes those targets stand for (scaled for a subset)
+    windows: int = 0  # windows evaluated
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device | None:
+    """'auto' -> cuda, mps or cpu; None stays None (= the model's device)."""
+    if name is None or isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{name}': CUDA is not available here; use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("device 'mps': MPS is not available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _autocast(device: torch.device, dtype: str) -> Any:
+    import contextlib
+
+    amp = DTYPES[dtype]
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp)
+
+
+def _ppl(nll: float) -> float:
+    return math.exp(nll) if nll < 709 else float("inf")
+
+
+# ---------------------------------------------------------------------------------------------
+# NLL / perplexity / bits per byte
+
+
+def _nll_sum(model: Any, inputs: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> float:
+    """Summed NLL of `targets`, the output layer applied a chunk of rows at a time (as `model_loss`).
+
+    The output layer's weights are passed detached: `linear_cross_entropy` computes its gradients in
+    the forward pass whenever an input requires grad, even under `torch.no_grad()`.
+    """
+    from picollm.loss import linear_cross_entropy
+
+    hidden = model.features(inputs)
+    layer = model.output_layer
+    bias = None if layer.bias is None else layer.bias.detach()
+    loss = linear_cross_entropy(hidden, layer.weight.detach(), targets, bias, chunk_tokens=chunk_tokens,
+                                reduction="sum")
+    return float(loss)
+
+
+def evaluate_tokens(model: Any, tokens: np.ndarray, context_length: int, batch_size: int = 32,
+                    num_bytes: int | None = None, max_windows: int | None = None, device: Any = None,
+                    dtype: str = "fp32", chunk_tokens: int = 4096) -> EvalResult:
+    """NLL, perplexity and bits per byte of `model` on a packed 1-D token stream (see the module doc).
+
+    `num_bytes`: the bytes the whole stream stands for (None: bpb is None). `max_windows`: evaluate
+    the first windows only, bytes scaled by the share of targets evaluated. `device`: where to run
+    (default: the model's device; the model is moved there). `dtype`: fp32, bf16 or fp16 (autocast).
+    The model is put in eval mode and its training mode restored afterwards.
+    """
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
+        raise UserError(f"context length must be an integer >= 1, got {context_length!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)
+                                    or max_windows < 1):
+        raise UserError(f"max windows must be an integer >= 1, got {max_windows!r}")
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if num_bytes is not None and num_bytes <= 0:
+        raise UserError(f"num_bytes must be positive, got {num_bytes!r}")
+    tokens = np.asarray(tokens) if not isinstance(tokens, np.ndarray) else tokens
+    if tokens.ndim != 1:
+        raise UserError(f"expected a 1-D token stream, got shape {tokens.shape}")
+    n_targets = len(tokens) - 1
+    if n_targets < 1:
+        raise UserError(f"the token stream has {len(tokens)} token(s); evaluation needs at least 2")
+    limit = getattr(model, "max_context", None)
+    if limit is not None and context_length > limit:
+        raise UserError(f"context length {context_length} is longer than the model's {limit} positions")
+    C = context_length
+    windows = math.ceil(n_targets / C)
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    end = min(windows * C, n_targets)  # targets evaluated: positions 1..end
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None:
+        top = int(tokens[:end + 1].max())
+        if top >= vocab:
+            raise UserError(f"the data holds token id {top} but the model has {vocab} tokens: it was "
+                            "tokenized with another tokenizer")
+
+    run_device = resolve_device(device) or _model_device(model)
+    if _model_device(model) != run_device:
+        model.to(run_device)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    full = end // C  # windows of C targets
+    try:
+        with torch.no_grad(), _autocast(run_device, dtype):
+            for first in range(0, full, batch_size):
+                b = min(batch_size, full - first)
+                chunk = np.asarray(tokens[first * C:(first + b) * C + 1], dtype=np.int64)
+                seq = torch.from_numpy(chunk).to(run_device)
+                x = seq[:-1].view(b, C)
+                y = seq[1:].view(b, C)
+                total += _nll_sum(model, x, y, chunk_tokens)
+            if end > full * C:  # the last, shorter window
+                chunk = np.asarray(tokens[full * C:end + 1], dtype=np.int64)
+                seq = torch.from_numpy(chunk).to(run_device)
+                total += _nll_sum(model, seq[None, :-1], seq[None, 1:], chunk_tokens)
+    finally:
+        model.train(was_training)
+    nll = total / end
+    used_bytes = None if num_bytes is None else num_bytes * (end / n_targets)
+    bpb = None if used_bytes is None else total / math.log(2) / used_bytes
+    return EvalResult(nll=nll, ppl=_ppl(nll), bpb=bpb, tokens=end, bytes=used_bytes, windows=windows)
+
+
+# ---------------------------------------------------------------------------------------------
+# splits, files and run directories
+
+
+def find_run_dir(path: str | Path) -> Path | None:
+    """The run directory that `path` is or holds a checkpoint of (it contains config.yaml), or None."""
+    here = Path(path).expanduser()
+    candidates = [here]
+    if here.name in ("final", "best"):
+        candidates.append(here.parent)
+    if here.parent.name == "checkpoints":
+        candidates.append(here.parent.parent)
+    for candidate in candidates:
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    return None
+
+
+def prepared_for_run(run_dir: str | Path, progress: bool = False) -> Any:
+    """The prepared data of a run (cached by `prepare`), from its config.yaml's data section."""
+    from picollm.config import load_run_config
+    from picollm.data.prepare import prepare
+
+    config = load_run_config(Path(run_dir) / "config.yaml")
+    return prepare(config.data, progress=progress)
+
+
+def stream_from_file(path: str | Path, tokenizer: Any, text_field: str = "text", format: str | None = None,
+                     encoding_errors: str = "strict") -> tuple[np.ndarray, int, np.ndarray]:
+    """Read stories from a file as `prepare` does and lay them out as a prepared split.
+
+    Returns (tokens, bytes, story offsets): tokens = the stories' `[eot] + encode(story)`
+    concatenated, bytes = UTF-8 bytes of the (stripped) stories + 1 per story, offsets = the index
+    of each story's eot. The whole file is tokenized in memory: meant for evaluation-sized files.
+    """
+    from picollm.data.prepare import token_dtype, tokenize_chunk
+    from picollm.data.sources import iter_stories
+
+    if tokenizer is None:
+        raise UserError("the model has no tokenizer to encode the evaluation text with")
+    dtype = token_dtype(tokenizer.vocab_size)
+    streams: list[np.ndarray] = []
+    lengths: list[np.ndarray] = []
+    num_bytes = 0
+    batch: list[str] = []
+
+    def flush() -> None:
+        stream, story_lengths = tokenize_chunk(tokenizer, batch, dtype)
+        streams.append(stream)
+        lengths.append(story_lengths)
+        batch.clear()
+
+    for story in iter_stories(str(path), text_field, format, encoding_errors):
+        batch.append(story)
+        num_bytes += len(story.encode("utf-8")) + 1
+        if len(batch) >= 1024:
+            flush()
+    if batch:
+        flush()
+    if not streams:
+        raise UserError(f"{path} holds no stories")
+    all_lengths = np.concatenate(lengths)
+    offsets = np.cumsum(all_lengths) - all_lengths
+    return np.concatenate(streams), num_bytes, offsets.astype(np.int64)
+
+
+def _load_if_path(model: Any, device: Any) -> Any:
+    if isinstance(model, (str, Path)):
+        from picollm.checkpoint import load
+
+        return load(model, device=resolve_device(device) or "cpu")
+    return model
+
+
+def _context_of(model: Any, context_length: int | None) -> int:
+    if context_length is not None:
+        return context_length
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "context_length", None) is None:
+        raise UserError("pass context_length: the model has no config.context_length")
+    return int(config.context_length)
+
+
+def _check_tokenizers(model: Any, prepared: Any) -> None:
+    mine = getattr(getattr(model, "tokenizer", None), "name", None)
+    theirs = getattr(getattr(prepared, "tokenizer", None), "name", None)
+    if mine is not None and theirs is not None and mine != theirs:
+        raise UserError(f"the model uses tokenizer '{mine}' but the data was prepared with '{theirs}'")
+
+
+def evaluate(model: Any, split: str = "test", data: str | Path | None = None, prepared: Any = None,
+             batch_size: int = 32, max_windows: int | None = None, device: Any = None, dtype: str = "fp32",
+             chunk_tokens: int = 4096, context_length: int | None = None, text_field: str = "text",
+             format: str | None = None, encoding_errors: str = "strict") -> EvalResult:
+    """`picollm.evaluate`: NLL, perplexity and bits per byte of a model on a split or a text file.
+
+    `model`: a LanguageModel or a run/checkpoint path (loaded). The tokens come from, in order:
+    `data` (any file `prepare` reads: stories tokenized with the model's own tokenizer, laid out as a
+    prepared split), `prepared` (a PreparedData: its `split`), or, for a model loaded from a run
+    directory, that run's prepared `split`. `context_length` defaults to the model's.
+    """
+    source_path = model if isinstance(model, (str, Path)) else None
+    model = _load_if_path(model, device)
+    C = _context_of(model, context_length)
+    kwargs = dict(batch_size=batch_size, max_windows=max_windows, device=device, dtype=dtype,
+                  chunk_tokens=chunk_tokens)
+    if data is not None:
+        tokens, num_bytes, _ = stream_from_file(data, getattr(model, "tokenizer", None), text_field, format,
+                                                encoding_errors)
+        return evaluate_tokens(model, tokens, C, num_bytes=num_bytes, **kwargs)
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if prepared is None:
+        where = source_path or getattr(model, "checkpoint_path", None)
+        run_dir = find_run_dir(where) if where is not None else None
+        if run_dir is None:
+            raise UserError("no data to evaluate on: pass data=PATH (a text file) or prepared=..., or a "
+                            "model from a run directory (its config.yaml names the data)")
+        prepared = prepared_for_run(run_dir)
+    _check_tokenizers(model, prepared)
+    tokens = prepared.tokens(split)
+    if len(tokens) < 2:
+        raise UserError(f"the {split} split is empty; prepare the data with a larger {split} ratio")
+    return evaluate_tokens(model, tokens, C, num_bytes=prepared.num_bytes(split), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# diversity of generations
+
+
+def parse_strategies(spec: str) -> dict[str, dict[str, Any]]:
+    """'greedy,top-p=0.9,top-k=50,sample=0.8' -> {name: generate kwargs}.
+
+    greedy; top-p=P (nucleus mass P); top-k=K; sample (full softmax) or sample=T (temperature T).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for raw in spec.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        name = name.strip()
+        try:
+            if name == "greedy" and not value:
+                kwargs: dict[str, Any] = {"strategy": "greedy"}
+            elif name == "top-p" and value:
+                kwargs = {"strategy": "top-p", "top_p": float(value)}
+            elif name == "top-k" and value:
+                kwargs = {"strategy": "top-k", "top_k": int(value)}
+            elif name == "sample":
+                kwargs = {"strategy": "sample", **({"temperature": float(value)} if value else {})}
+            else:
+                raise ValueError
+        except ValueError:
+            raise UserError(f"strategy '{item}' is not understood; use greedy, top-p=P, top-k=K, sample or "
+                            "sample=TEMPERATURE, separated by commas") from None
+        out[item] = kwargs
+    if not out:
+        raise UserError("no strategies given; e.g. greedy,top-p=0.9,top-p=1.0")
+    return out
+
+
+def story_prompts(tokens: np.ndarray, story_offsets: np.ndarray, num_prompts: int,
+                  prompt_tokens: int) -> list[list[int]]:
+    """`num_prompts` prompts from a split: the eot and first `prompt_tokens` tokens of stories spread
+    evenly over the split (among stories with at least `prompt_tokens + 1` tokens, so a continuation
+    exists in the data), in stream order. Deterministic."""
+    if num_prompts < 1 or prompt_tokens < 1:
+        raise UserError("num-prompts and prompt-tokens must be at least 1")
+    starts = np.asarray(story_offsets, dtype=np.int64)
+    ends = np.append(starts[1:], len(tokens))
+    long_enough = np.nonzero(ends - starts >= prompt_tokens + 2)[0]  # eot + P prompt + >=1 continuation
+    if len(long_enough) == 0:
+        raise UserError(f"no story in the split has more than {prompt_tokens} tokens")
+    if len(long_enough) < num_prompts:
+        raise UserError(f"only {len(long_enough)} stories have more than {prompt_tokens} tokens; "
+                        f"ask for at most that many prompts")
+    picks = long_enough[np.linspace(0, len(long_enough) - 1, num_prompts).round().astype(np.int64)]
+    return [[int(t) for t in tokens[starts[i]:starts[i] + 1 + prompt_tokens]] for i in picks]
+
+
+def diversity_eval(model: Any, prompts: list[str] | list[list[int]], strategies: dict[str, dict[str, Any]],
+                   max_new_tokens: int = 100, seed: int = 0, tokenizer: Any = None, batch_size: int = 64,
+                   return_texts: bool = False) -> dict[str, dict[str, Any]]:
+    """Generate one continuation per prompt with each strategy and measure its diversity.
+
+    `prompts`: texts (encoded with the model's tokenizer after an eot, as `generate` does) or token id
+    lists (used as is, e.g. from `story_prompts`). `strategies`: {name: generate kwargs}, e.g. from
+    `parse_strategies`. Returns {name: diversity_report(continuations)}, plus the continuations under
+    "continuations" with `return_texts`. Prompts run `batch_size` at a time; each batch's seed is
+    `seed` + its index, so results do not depend on anything but the arguments.
+    """
+    from picollm.diversity import diversity_report
+    from picollm.generation import encode_prompts, generate_ids
+
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tok is None:
+        raise UserError("diversity evaluation needs the model's tokenizer to decode its continuations")
+    if not prompts:
+        raise UserError("no prompts to evaluate diversity on")
+    rows = [p if isinstance(p, list) else encode_prompts(p, tok)[0] for p in prompts]
+    results: dict[str, dict[str, Any]] = {}
+    for name, kwargs in strategies.items():
+        texts: list[str] = []
+        for b, first in enumerate(range(0, len(rows), batch_size)):
+            ids = generate_ids(model, rows[first:first + batch_size], max_new_tokens=max_new_tokens,
+                               seed=seed + b, eot_id=tok.eot_id, **kwargs)
+            texts.extend(tok.decode(r) for r in ids)
+        report: dict[str, Any] = dict(diversity_report(texts, tokenizer=tok))
+        if return_texts:
+            report["continuations"] = texts
+        results[name] = report
+    return results
