@@ -3,10 +3,16 @@
 Nothing here unpickles: weights are safetensors, everything else JSON. Every directory is written
 atomically: into a hidden temporary sibling first, then renamed into place, so a kill at any moment
 leaves either the previous complete directory or the new complete one.
+
+`config.json` records the size and sha256 of the weights and tokenizer files (`files`), so a file
+that was truncated, corrupted or copied in from another checkpoint is named on load instead of
+being used. A full disk while writing is a `DiskFullError` (a `UserError`) naming the directory.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +31,47 @@ from picollm.models.base import LanguageModel
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
+FILES_KEY = "files"  # in config.json: {file name: {"bytes": size, "sha256": hex digest}}
+
+
+class DiskFullError(UserError):
+    """The filesystem ran out of space (or quota) while writing; nothing was replaced."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` reports a full disk: an OSError (ENOSPC, EDQUOT), or the same error as the
+    Rust-backed writers (safetensors, tokenizers) word it."""
+    if isinstance(exc, DiskFullError):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("No space left on device", "os error 28", "Disk quota exceeded",
+                                   "os error 122"))
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """{"bytes": size, "sha256": hex} of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def verify_file(path: Path, record: Any, recorded_in: Path) -> None:
+    """UserError unless `path` has the size and sha256 of `record` (as written by `file_record`)."""
+    if not isinstance(record, dict):
+        return
+    if not path.is_file():
+        raise UserError(f"{path} is missing; {recorded_in.name} lists it: the checkpoint is incomplete")
+    size = path.stat().st_size
+    if isinstance(record.get("bytes"), int) and size != record["bytes"]:
+        raise UserError(f"{path} is {size:,} bytes but {recorded_in} records {record['bytes']:,}: the file is "
+                        "truncated, or does not belong to this checkpoint; use another checkpoint")
+    if isinstance(record.get("sha256"), str) and file_record(path)["sha256"] != record["sha256"]:
+        raise UserError(f"{path} does not match the sha256 recorded in {recorded_in}: the file is corrupted, "
+                        "or does not belong to this checkpoint; use another checkpoint")
 
 
 def fsync_dir(path: Path) -> None:
@@ -47,8 +94,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(exc):
+            kept = f"the existing {path.name} is unchanged" if path.exists() else "nothing was left behind"
+            raise DiskFullError(f"no space left on device in {path.parent} while writing {path.name}; {kept}") \
+                from None
         raise
 
 
@@ -56,7 +107,13 @@ def write_dir_atomic(directory: Path, fill: Callable[[Path], None]) -> Path:
     """Call `fill(tmp_dir)` then move `tmp_dir` to `directory`, replacing an existing one."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(f"no space left on device in {directory.parent} while writing {directory.name}; "
+                                "nothing was replaced") from None
+        raise
     try:
         fill(tmp)
         for f in tmp.iterdir():
@@ -73,8 +130,12 @@ def write_dir_atomic(directory: Path, fill: Callable[[Path], None]) -> Path:
         else:
             os.replace(tmp, directory)
         fsync_dir(directory.parent)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            kept = f"the existing {directory.name} is unchanged" if directory.exists() else "nothing was left behind"
+            raise DiskFullError(f"no space left on device in {directory.parent} while writing {directory.name}; "
+                                f"{kept}") from None
         raise
     return directory
 
@@ -100,7 +161,11 @@ def model_config_dict(model: LanguageModel) -> dict[str, Any]:
 
 def write_model_files(model: LanguageModel, directory: Path, tokenizer: Any = None,
                       extra: dict[str, Any] | None = None) -> None:
-    """Write config.json, model.safetensors and the tokenizer into an existing directory."""
+    """Write model.safetensors, the tokenizer and config.json (last: it records the others' sizes and
+    sha256) into an existing directory."""
+    from picollm.data.tokenizer import BPE_FILE
+    from picollm.data.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG
+
     config = {
         "picollm_format": FORMAT_VERSION,
         "model": model_config_dict(model),
@@ -108,11 +173,14 @@ def write_model_files(model: LanguageModel, directory: Path, tokenizer: Any = No
         "num_parameters_non_embedding": model.num_parameters(non_embedding=True),
         **(extra or {}),
     }
+    save_file(_unique_state_dict(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    names = [WEIGHTS_FILE]
     if tokenizer is not None:
         config["tokenizer"] = tokenizer.name
         tokenizer.save(directory)
+        names += [n for n in (TOKENIZER_CONFIG, BPE_FILE) if (directory / n).is_file()]
+    config[FILES_KEY] = {name: file_record(directory / name) for name in names}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_file(_unique_state_dict(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
 def save_model(model: LanguageModel, directory: str | Path, tokenizer: Any = None,
@@ -127,8 +195,9 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise UserError(f"{directory} is not a picollm checkpoint: {CONFIG_FILE} is missing")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise UserError(f"{path} is not valid JSON ({reason}); the checkpoint is damaged") from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise UserError(f"{path} has no 'model' section; is this a picollm checkpoint?")
     return config
@@ -139,8 +208,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path} is missing; the checkpoint is incomplete")
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"{path} is not a readable safetensors file ({exc}); the file is truncated "
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise UserError(f"{path} is not a readable safetensors file ({reason}); the file is truncated "
                         "or corrupted: use another checkpoint") from None
 
 
@@ -173,20 +243,38 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Language
 
     directory = Path(path)
     config = read_config(directory)
+    config_path = directory / CONFIG_FILE
     try:
         model = build_model(config["model"])
     except UserError as exc:
-        raise UserError(f"{directory / CONFIG_FILE}: {exc}") from None
-    load_weights_into(model, load_state_dict(directory / WEIGHTS_FILE), directory / WEIGHTS_FILE)
+        raise UserError(f"{config_path}: {exc}") from None
+    files = config.get(FILES_KEY) if isinstance(config.get(FILES_KEY), dict) else {}
+    weights = directory / WEIGHTS_FILE
+    if weights.is_file():
+        verify_file(weights, files.get(WEIGHTS_FILE), config_path)
+    load_weights_into(model, load_state_dict(weights), weights)
     model.tokenizer = None
     if "tokenizer" in config:
+        from picollm.data.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG
         from picollm.data.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(directory)
+        try:
+            tokenizer = load_tokenizer(directory)
+        except UserError as exc:
+            if str(directory) in str(exc):
+                raise
+            raise UserError(f"{directory / TOKENIZER_CONFIG}: {exc}") from None
         if tokenizer.vocab_size > model.config.vocab_size:
             raise UserError(
-                f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                f"{model.config.vocab_size}; the tokenizer files do not belong to this model")
+                f"{directory / TOKENIZER_CONFIG}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                f"vocab_size is {model.config.vocab_size}; the tokenizer files do not belong to this model")
+        if tokenizer.name != config["tokenizer"]:
+            raise UserError(
+                f"{directory / TOKENIZER_CONFIG} names the tokenizer {tokenizer.name} but {config_path} says "
+                f"{config['tokenizer']}; the tokenizer files do not belong to this model")
+        for name, record in files.items():
+            if name != WEIGHTS_FILE and isinstance(name, str) and "/" not in name and name != CONFIG_FILE:
+                verify_file(directory / name, record, config_path)
         model.tokenizer = tokenizer
     model.checkpoint_path = directory
     return model.to(device).eval()

@@ -36,6 +36,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+def one_line(text: str) -> str:
+    """`text` with line breaks and other unprintable characters escaped (`\\n`, `\\x85`, `\\udcff`):
+    an error message quoting a user's key or value still prints as one line, and always encodes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from picollm import __version__
 
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except UserError as exc:
-        print(f"picollm {args.command}: error: {exc}", file=sys.stderr)
+        print(f"picollm {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"picollm {args.command}: interrupted", file=sys.stderr)

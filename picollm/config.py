@@ -9,6 +9,7 @@ or an impossible value raises `UserError` naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,6 +70,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         raise UserError(f"config key '{key}': expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise UserError(f"config key '{key}': expected a finite number, got {value!r}")
             return float(value)
         raise UserError(f"config key '{key}': expected a number, got {value!r}")
     if tp is str:
@@ -104,7 +107,7 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
         raise UserError(f"config section {where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be numbers too
     if unknown:
         dotted = ", ".join(f"{prefix + '.' if prefix else ''}{k}" for k in unknown)
         raise UserError(f"unknown config key {dotted}; allowed in {where}: {', '.join(sorted(fields))}")
@@ -178,6 +181,8 @@ def load_yaml(path: str | Path) -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise UserError(f"config file {path} is nested too deeply to be a picollm config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -64,9 +64,14 @@ def read_run_config(out: Path) -> RunConfig:
         raise UserError(f"{out} is not a picollm run directory: {CONFIG} is missing")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return from_dict(RunConfig, data)
+    except RecursionError:
+        raise UserError(f"{path} is nested too deeply to be a picollm config") from None
+    try:
+        return from_dict(RunConfig, data)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
 
 
 def read_summary(out: Path) -> dict[str, Any] | None:

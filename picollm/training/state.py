@@ -1,7 +1,9 @@
 """Training state beside each checkpoint, in safetensors + JSON (never pickle).
 
 `optimizer.safetensors` holds every tensor of the optimizer state (keys `state.<param>.<name>`) and
-the RNG states; `trainer_state.json` holds the rest: step, data position, param groups, best loss.
+the RNG states; `trainer_state.json` holds the rest: step, data position, param groups, best loss,
+and the size and sha256 of `optimizer.safetensors`. Reading checks those and the model weights'
+record in `config.json`, so a damaged checkpoint is named instead of resumed from.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from picollm.checkpoint import load_state_dict
+from picollm.checkpoint import CONFIG_FILE, FILES_KEY, WEIGHTS_FILE, file_record, load_state_dict, verify_file
 from picollm.errors import UserError
 
 STATE_FILE = "trainer_state.json"
@@ -41,6 +43,7 @@ def write_training_state(directory: Path, optimizer: torch.optim.Optimizer, prog
         "param_groups": opt["param_groups"],
         "optimizer_scalars": scalars,
         "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        FILES_KEY: {TENSORS_FILE: file_record(directory / TENSORS_FILE)},
     }
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
 
@@ -55,19 +58,49 @@ def read_training_state(directory: Path, optimizer: torch.optim.Optimizer,
         raise UserError(f"{path} is missing: {directory} is a model checkpoint, not a resumable one") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc}); resume from an earlier checkpoint") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a training state (a JSON object); resume from an earlier checkpoint")
+    _verify_checkpoint(directory, state, path)
     tensors = load_state_dict(directory / TENSORS_FILE)
-    opt_state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("state."):
-            _, index, name = key.split(".", 2)
-            opt_state.setdefault(int(index), {})[name] = value
-    for index, entries in state["optimizer_scalars"].items():
-        opt_state.setdefault(int(index), {}).update(entries)
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
-    if scaler is not None and state.get("grad_scaler"):
-        scaler.load_state_dict(state["grad_scaler"])
-    return state["progress"]
+    try:
+        opt_state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("state."):
+                _, index, name = key.split(".", 2)
+                opt_state.setdefault(int(index), {})[name] = value
+        for index, entries in state["optimizer_scalars"].items():
+            opt_state.setdefault(int(index), {}).update(entries)
+        optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
+        progress = state["progress"]
+        counts = ("step", "epoch", "batch", "tokens", "evals_since_best", "bad_steps", "skipped_steps")
+        missing = [k for k in counts if not isinstance(progress.get(k), int)]
+        missing += [k for k in ("elapsed",) if not isinstance(progress.get(k), (int, float))]
+        missing += [k for k in ("best_val_loss",) if not isinstance(progress.get(k, 0), (int, float, type(None)))]
+        if missing:
+            raise KeyError(", ".join(missing))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        what = f"missing or bad {exc}" if isinstance(exc, KeyError) else " ".join(str(exc).split())[:200]
+        raise UserError(f"{path} and {TENSORS_FILE} do not hold this run's training state ({what}); "
+                        f"the checkpoint is damaged: delete {directory} to resume from the one before it") from None
+    return progress
+
+
+def _verify_checkpoint(directory: Path, state: dict[str, Any], path: Path) -> None:
+    """Sizes and sha256 of the optimizer tensors (recorded in trainer_state.json) and of the model
+    weights (recorded in config.json), where recorded."""
+    files = state.get(FILES_KEY)
+    if isinstance(files, dict):
+        verify_file(directory / TENSORS_FILE, files.get(TENSORS_FILE), path)
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the weights were loaded (and their errors named) before the state is read
+    records = config.get(FILES_KEY) if isinstance(config, dict) else None
+    if isinstance(records, dict):
+        verify_file(directory / WEIGHTS_FILE, records.get(WEIGHTS_FILE), directory / CONFIG_FILE)

@@ -27,7 +27,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from picollm.checkpoint import save_model, write_dir_atomic, write_json_atomic, write_model_files
+from picollm.checkpoint import (
+    DiskFullError,
+    is_disk_full,
+    save_model,
+    write_dir_atomic,
+    write_json_atomic,
+    write_model_files,
+)
 from picollm.config import RunConfig, from_dict, to_dict
 from picollm.errors import UserError
 from picollm.loss import model_loss
@@ -355,6 +362,15 @@ class _Trainer:
             torch.set_num_threads(t.threads)
         try:
             return self._run(device, d)
+        except Exception as exc:
+            # checkpoints raise DiskFullError; the run's own files (metrics, config) a plain OSError
+            if (isinstance(exc, UserError) and not isinstance(exc, DiskFullError)) or not is_disk_full(exc):
+                raise
+            what = exc if isinstance(exc, DiskFullError) else \
+                f"no space left on device while writing {getattr(exc, 'filename', None) or self.out}"
+            raise DiskFullError(
+                f"{what} (training into {self.out}). The checkpoints already in {self.out / run_dir.CHECKPOINTS} "
+                f"are intact: free some space, then continue with `picollm train --resume {self.out}`") from None
         finally:
             shutdown(d)
 
@@ -520,10 +536,13 @@ class _Trainer:
                 progress_state["tokens"] += step_tokens * d.world_size
                 window_tokens += step_tokens * d.world_size
                 if progress_state["bad_steps"] >= t.max_bad_steps:
+                    saved = run_dir.checkpoint_dirs(out)
+                    where = (f"its last checkpoint, {saved[-1]}, holds the last good weights" if saved else
+                             "no checkpoint was written before it (see train.ckpt_interval)")
                     raise TrainingDiverged(
                         f"{t.max_bad_steps} steps in a row had a non-finite loss or gradient; the run stopped "
-                        f"at step {step} and its last good checkpoint is in {out}; lower train.lr, set "
-                        "train.grad_clip, or use train.dtype fp32/bf16, then resume")
+                        f"at step {step} and {where}; lower train.lr, set train.grad_clip, or use train.dtype "
+                        f"fp32/bf16, then resume with `picollm train --resume {out}`")
 
                 if step % t.log_interval == 0 or step == plan.total_steps:
                     loss_mean = mean_across(loss_sum, d, device)
@@ -561,8 +580,26 @@ class _Trainer:
 
         # the end: final evaluation on full splits, checkpoint, summary
         wall = elapsed_before + time.perf_counter() - started
-        final_val = evaluate_now(step)
-        save_checkpoint(step)
+        # a signal before the last checkpoint is written still checkpoints (else, with ckpt_interval 0, the
+        # whole run would be lost); after it, the rest is redone by a resume
+        for s in previous:
+            signal.signal(s, self._on_signal)
+        try:
+            if progress_state.get("final_eval_step") == step:  # done before an interruption: not logged twice
+                final_val = progress_state["final_val_loss"]
+            else:
+                final_val = evaluate_now(step)
+                progress_state["final_eval_step"], progress_state["final_val_loss"] = step, final_val
+            save_checkpoint(step)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if any_flag(self.stop_signal is not None, d, device):
+            if d.is_main:
+                print(f"[picollm] interrupted by signal at step {step}; checkpoint written. "
+                      f"Resume with: picollm train --resume {out}", file=sys.stderr)
+            log.close()
+            return RunResult(out, {"status": "interrupted", "steps": step}, model)
         splits = {}
         for split in ("train", "val", "test"):
             tokens = data.tokens(split)
