@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from picollm.device import AMP_DTYPES, autocast, model_device, resolve_device
 from picollm.errors import UserError
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SPLITS = ("train", "val", "test")
 
 
@@ -51,41 +51,6 @@ class EvalResult:
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def resolve_device(name: str | torch.device | None) -> torch.device | None:
-    """'auto' -> cuda, mps or cpu; None stays None (= the model's device)."""
-    if name is None or isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{name}': CUDA is not available here; use --device cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("device 'mps': MPS is not available here; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _autocast(device: torch.device, dtype: str) -> Any:
-    import contextlib
-
-    amp = DTYPES[dtype]
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp)
 
 
 def _ppl(nll: float) -> float:
@@ -129,8 +94,8 @@ def evaluate_tokens(model: Any, tokens: np.ndarray, context_length: int, batch_s
     if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)
                                     or max_windows < 1):
         raise UserError(f"max windows must be an integer >= 1, got {max_windows!r}")
-    if dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in AMP_DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(AMP_DTYPES)}, got {dtype!r}")
     if num_bytes is not None and num_bytes <= 0:
         raise UserError(f"num_bytes must be positive, got {num_bytes!r}")
     tokens = np.asarray(tokens) if not isinstance(tokens, np.ndarray) else tokens
@@ -154,15 +119,15 @@ def evaluate_tokens(model: Any, tokens: np.ndarray, context_length: int, batch_s
             raise UserError(f"the data holds token id {top} but the model has {vocab} tokens: it was "
                             "tokenized with another tokenizer")
 
-    run_device = resolve_device(device) or _model_device(model)
-    if _model_device(model) != run_device:
+    run_device = resolve_device(device) or model_device(model)
+    if model_device(model) != run_device:
         model.to(run_device)
     was_training = model.training
     model.eval()
     total = 0.0
     full = end // C  # windows of C targets
     try:
-        with torch.no_grad(), _autocast(run_device, dtype):
+        with torch.no_grad(), autocast(run_device, dtype):
             for first in range(0, full, batch_size):
                 b = min(batch_size, full - first)
                 chunk = np.asarray(tokens[first * C:(first + b) * C + 1], dtype=np.int64)

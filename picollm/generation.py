@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from picollm.device import model_device
 from picollm.errors import UserError
 
 STRATEGIES = ("greedy", "top-p", "top-k", "sample")
@@ -101,12 +102,6 @@ def check_generation_args(strategy: str, top_p: float, top_k: int, temperature: 
         raise UserError(f"max-new-tokens must be an integer >= 0, got {max_new_tokens!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise UserError(f"num-samples must be an integer >= 1, got {num_samples!r}")
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _prompt_rows(prompt_ids: Any, vocab_size: int | None) -> list[list[int]]:
@@ -188,7 +183,7 @@ def generate_ids(model: Any, prompt_ids: list[list[int]] | torch.Tensor, strateg
     batch = len(rows)
     lengths = [len(r) for r in rows]
     shortest, longest = min(lengths), max(lengths)
-    device = _model_device(model)
+    device = model_device(model)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     pad = eot_id if eot_id is not None else 0

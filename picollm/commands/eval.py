@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from picollm.checkpoint import load_model, resolve_checkpoint
+    from picollm.device import resolve_device
     from picollm.errors import UserError
     from picollm.evaluation import (
         diversity_eval,
@@ -70,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
         find_run_dir,
         parse_strategies,
         prepared_for_run,
-        resolve_device,
         story_prompts,
         stream_from_file,
     )

@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from picollm.checkpoint import load
+    from picollm.device import resolve_device
     from picollm.errors import UserError
-    from picollm.evaluation import resolve_device
     from picollm.generation import check_generation_args, check_prompt_text, generate
 
     check_generation_args(args.strategy, args.top_p, args.top_k, args.temperature, args.max_new_tokens,

@@ -36,6 +36,7 @@ from picollm.checkpoint import (
     write_model_files,
 )
 from picollm.config import RunConfig, from_dict, to_dict
+from picollm.device import autocast, resolve_device
 from picollm.errors import UserError
 from picollm.loss import model_loss
 from picollm.models.base import LanguageModel
@@ -59,30 +60,6 @@ class RunResult:
 
 # ---------------------------------------------------------------------------------------------
 # set-up helpers
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device '{name}': CUDA is not available here; use --train.device cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("train.device 'mps': MPS is not available here; use --train.device cpu")
-    return torch.device(name)
-
-
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    amp = AMP_DTYPES[dtype]
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp)
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
