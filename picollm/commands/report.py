@@ -1,0 +1,23 @@
+"""`picollm report DIR`: rebuild a study's report from its run logs (study.json + the run directories)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", metavar="DIR", help="a study directory written by `picollm study`")
+    parser.add_argument("--out", help="where to write index.html and report.md (default: DIR/report)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from picollm.study.report import REPORT_DIR, write_report
+    from picollm.study.results import load_results
+
+    directory = Path(args.directory)
+    index = write_report(load_results(directory), Path(args.out) if args.out else directory / REPORT_DIR)
+    print(f"report: {index} (and {index.with_name('report.md')})", file=sys.stderr)
+    return 0

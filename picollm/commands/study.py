@@ -1,0 +1,95 @@
+"""`picollm study`: run the whole comparison (the built-in study or a user's YAML) and write its report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study", nargs="?", metavar="STUDY.yaml",
+                        help="a study file (default: the built-in study; see docs/study.md for the schema)")
+    parser.add_argument("--data", help="the data every run uses: hf:NAME or a local file/folder "
+                                       "(e.g. ../shared/data/tinystories-sample.txt)")
+    parser.add_argument("--budget", help="quick (default: the whole study in under 30 minutes on a 2-core CPU "
+                                         "with the 2,317-story sample) or full (the original recipe)")
+    parser.add_argument("--seeds", type=int, default=1, metavar="K", help="repeat every run with K seeds")
+    parser.add_argument("--only", metavar="NAMES",
+                        help="comma-separated groups (a selecting group brings the groups it selects from) or "
+                             "run labels / patterns, e.g. --only size or --only 'kgram-pico-*,lstm-tiny'")
+    parser.add_argument("--out", help="study directory (default: runs/study-<budget>)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print every run with its parameters, tokens, FLOPs and estimated time; train nothing")
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="train N runs at once, each in its own process: one per GPU where there are GPUs; "
+                             "on a CPU the cores are split between them (train.threads). Default: the number "
+                             "of GPUs, or 2 on a CPU with 2 or more cores")
+    parser.add_argument("--with-base", action="store_true", help="add the base size to the size grids")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                        help="replace a grid's values wherever the study uses KEY, e.g. --grid model.k=1,2,3")
+    parser.add_argument("--no-report", action="store_true", help="train and evaluate only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (lines only)")
+    parser.epilog = ("Any config key can be set for every run with a dotted flag, e.g. --train.device cuda "
+                     "--data.cache_dir /scratch/cache. Finished runs in --out are reused and interrupted "
+                     "ones resumed: run the same command again to continue.")
+    parser.set_defaults(accepts_overrides=True)
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """['model.k=1,3,5'] -> {'model.k': [1, 3, 5]}."""
+    from picollm.config import parse_value
+    from picollm.errors import UserError
+
+    grid: dict[str, list] = {}
+    for item in items:
+        key, eq, values = item.partition("=")
+        if not eq or not key or not values:
+            raise UserError(f"--grid {item!r}: write KEY=V1,V2 (e.g. --grid model.k=1,3,5)")
+        grid[key.strip()] = [parse_value(v.strip()) for v in values.split(",") if v.strip()]
+    return grid
+
+
+def run(args: argparse.Namespace) -> int:
+    from picollm.commands.train import parse_overrides
+    from picollm.study.report import build_study_report
+    from picollm.study.runner import (
+        default_jobs,
+        dry_run_rows,
+        format_dry_run,
+        plan_study,
+        run_plan,
+        write_study_json,
+    )
+    from picollm.study.spec import load_study
+
+    spec = load_study(args.study)
+    budget = args.budget or spec.default_budget
+    overrides = parse_overrides(getattr(args, "overrides", []) or [])
+    if args.data:
+        overrides["data.data"] = args.data
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    out = args.out or f"runs/study-{budget}"
+    plan = plan_study(spec, out, budget=budget, seeds=args.seeds, only=only, overrides=overrides,
+                      grid=parse_grid(args.grid), extend={"size": ["base"]} if args.with_base else None,
+                      progress=not args.no_progress)
+    jobs = args.jobs if args.jobs is not None else default_jobs()
+    n_uses = sum(len(e["runs"]) for g in plan.groups for e in g["entries"])
+    print(f"[study] {spec.title}: budget {budget}, {len(plan.groups)} groups, {len(plan.runs)} distinct runs "
+          f"({n_uses} uses by the groups), {len(plan.seeds)} seed(s), {jobs} at a time; directory {out}",
+          file=sys.stderr)
+    if args.dry_run:
+        print(format_dry_run(dry_run_rows(plan, jobs=jobs), jobs=jobs))
+        return 0
+    write_study_json(plan)
+    outcome = run_plan(plan, jobs=jobs, progress=not args.no_progress)
+    if not args.no_report:
+        index = build_study_report(plan.out)
+        print(f"[study] report: {index} (and {index.with_name('report.md')})", file=sys.stderr)
+    if outcome["failures"]:
+        for run_id, error in outcome["failures"].items():
+            print(f"[study] run {plan.runs[run_id].label} failed: {error}", file=sys.stderr)
+        return 1
+    if outcome["interrupted"]:
+        print("[study] interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0

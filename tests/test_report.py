@@ -1,0 +1,338 @@
+"""The report and the findings, from made-up run logs (no training): the built-in study's plan with a
+fake data preparation, and run directories written by the test with chosen numbers."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+
+from picollm.study import runner
+from picollm.study.findings import AGREES, DISAGREES, NOISE, check_claims
+from picollm.study.report import build_study_report
+from picollm.study.results import load_results
+from picollm.study.spec import load_study
+
+VOCAB = 4096
+
+
+# ---------------------------------------------------------------------------------------------
+# made-up logs
+
+
+def _fake_prepare(data_cfg, progress):  # noqa: ARG001 - the signature of runner._prepare
+    tokenizer = SimpleNamespace(vocab_size=VOCAB, name="bpe:4096", eot_id=VOCAB - 1)
+    return SimpleNamespace(tokenizer=tokenizer, num_tokens=lambda split: 465_000 if split == "train" else 25_000)
+
+
+def original_numbers(run: runner.StudyRun) -> dict[str, Any]:
+    """Numbers for which every claim of the original study holds."""
+    t, m = run.tags, run.config["model"]
+    family, size = t["family"], t.get("size")
+    sizes = {"pico": 0, "tiny": 1, "small": 2, "base": 3, "matched": 1}
+    s = sizes.get(size, 0)
+    rate = (0.3, 0.5, 0.8, 1.0)[s]
+    noise = 0.0
+    if family == "lstm":
+        loss = (4.0, 3.7, 3.4, 3.2)[s]
+    elif family == "transformer":
+        loss = (4.2, 3.9, 3.6, 3.3)[s]
+        if m.get("norm", "pre") != "pre" or m.get("pos", "absolute") != "absolute":
+            loss += 0.02 + 0.005 * ("post" == m.get("norm")) + 0.01 * (m.get("pos") == "nope")
+    else:
+        k, onehot = m.get("k", 3), m.get("input") == "onehot"
+        if size == "pico":
+            loss = {1: 4.9, 3: 4.5, 5: 4.3}[k]
+            if not onehot:
+                loss += {1: 0.05, 3: 0.2, 5: 0.3}[k]
+        else:
+            loss = (4.5, 4.3, 4.2, 4.1)[s] + (0 if onehot else (0.2, 0.15, 0.05, 0.02)[s])
+        noise = 0.04 if onehot else 0.004
+    diversity = {"lstm": 0.50, "transformer": 0.55, "kgram": 0.70}[family]
+    if family == "transformer":
+        diversity += {"absolute": 0.05, "rope": 0.0, "nope": -0.05}[m.get("pos", "absolute")]
+    return {"loss": loss, "rate": rate, "noise": noise, "diversity": diversity}
+
+
+def kgram_wins(run: runner.StudyRun) -> dict[str, Any]:
+    """As the original, but every k-gram MLP is far better than the other families."""
+    numbers = original_numbers(run)
+    if run.tags["family"] == "kgram":
+        numbers["loss"] -= 1.5
+        numbers["diversity"] = 0.30
+    return numbers
+
+
+def write_fake_run(run: runner.StudyRun, numbers: dict[str, Any], evals: int = 12,
+                   strategies: tuple[str, ...] = ("greedy", "top-p 0.9", "top-p 1.0")) -> None:
+    d = run.directory
+    d.mkdir(parents=True, exist_ok=True)
+    seed = run.config["train"]["seed"]
+    loss = numbers["loss"] + 0.002 * seed
+    (d / "config.yaml").write_text(yaml.safe_dump(run.config), encoding="utf-8")
+    rows = []
+    for i in range(1, evals + 1):
+        tokens = 20_000 * i
+        val = loss + (math.log(VOCAB) - loss) * math.exp(-numbers["rate"] * i) + numbers["noise"] * (-1) ** i
+        rows.append({"kind": "train", "step": 20 * i, "tokens": tokens, "epoch": tokens / 465_000, "lr": 1e-3,
+                     "train_loss": val + 0.01, "train_ppl": math.exp(val), "grad_norm": 1.0,
+                     "tokens_per_s": 10_000.0, "elapsed": 2.0 * i})
+        rows.append({"kind": "eval", "step": 20 * i, "tokens": tokens, "epoch": tokens / 465_000,
+                     "val_loss": val, "val_ppl": math.exp(val), "val_bpb": val / math.log(2) / 4,
+                     "elapsed": 2.0 * i, "sample": "Once upon a time"})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    final = rows[-1]["val_loss"]
+
+    def split(nll: float) -> dict[str, float]:
+        return {"nll": nll, "ppl": math.exp(nll), "bpb": nll / math.log(2) / 4.1, "tokens": 25_000,
+                "bytes": 102_500}
+
+    summary = {"status": "finished", "family": run.tags["family"], "num_parameters": 300_000 + 1000 * len(d.name),
+               "num_parameters_non_embedding": 40_000, "tokens_seen": 20_000 * evals, "steps": 20 * evals,
+               "epochs": 20_000 * evals / 465_000, "wall_time_s": 2.0 * evals, "tokens_per_s": 10_000.0,
+               "peak_memory_mb": 300.0, "unigram_entropy": 6.0, "best_val_loss": min(r["val_loss"] for r in rows
+                                                                                       if r["kind"] == "eval"),
+               "train": split(final - 0.02), "val": split(final), "test": split(final + 0.01),
+               "tokenizer": "bpe:4096", "vocab_size": VOCAB, "context_length": 64}
+    (d / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    base = numbers["diversity"]
+    per_strategy = {"greedy": (base - 0.3, 0.40), "top-p 0.9": (base, 0.10), "top-p 1.0": (base + 0.1, 0.05)}
+    diversity, samples = {}, {}
+    for name in strategies:
+        score, repetition = per_strategy[name]
+        diversity[name] = {**{f"word_distinct_{n}": min(1.0, score + 0.04 * (n - 3)) for n in range(1, 6)},
+                           "repetition_4": repetition, "texts": 10, "words": 200, "mean_words": 20.0}
+        samples[name] = [f"{name} story {i} of {run.label}: the cat sat." for i in range(10)]
+    record = {"settings": {}, "prompts": [f"Once upon a time {i}" for i in range(10)], "diversity": diversity,
+              "samples": samples,
+              "study_prompt": {"prompt": "Once upon a time, there was a very intelligent",
+                               "samples": {n: [f" dog named {n}."] for n in strategies}}}
+    (d / "eval.json").write_text(json.dumps(record), encoding="utf-8")
+
+
+def make_fake_study(root: Path, numbers, seeds: int = 1, monkeypatch=None) -> Path:
+    monkeypatch.setattr(runner, "_prepare", _fake_prepare)
+    plan = runner.plan_study(load_study(), root, budget="quick", seeds=seeds, progress=False)
+    runner.write_study_json(plan)
+    for run in plan.runs.values():
+        write_fake_run(run, numbers(run))
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the rendered page
+
+
+class _Page(HTMLParser):
+    """Sections (by id) with their images and tables (rows of cell texts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: dict[str, dict[str, list]] = {}
+        self.current: str | None = None
+        self.cell: list[str] | None = None
+        self.row: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "section":
+            self.current = a["id"]
+            self.sections[self.current] = {"images": [], "tables": []}
+        elif self.current and tag == "img":
+            self.sections[self.current]["images"].append(a["src"])
+        elif self.current and tag == "table":
+            self.sections[self.current]["tables"].append([])
+        elif self.current and tag == "tr":
+            self.row = []
+        elif tag in ("td", "th") and self.row is not None:
+            self.cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self.cell is not None and self.row is not None:
+            self.row.append("".join(self.cell).strip())
+            self.cell = None
+        elif tag == "tr" and self.row is not None and self.current:
+            self.sections[self.current]["tables"][-1].append(self.row)
+            self.row = None
+
+    def handle_data(self, data: str) -> None:
+        if self.cell is not None:
+            self.cell.append(data)
+
+
+def read_page(index: Path) -> dict[str, dict[str, list]]:
+    page = _Page()
+    page.feed(index.read_text(encoding="utf-8"))
+    return page.sections
+
+
+NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?[KM]?( ± [\d,]+(\.\d+)?[KM]?)?$")
+
+
+def check_report(index: Path, groups: list[str], decoding: str = "decoding") -> dict[str, dict[str, list]]:
+    """Every group has its plot, tables and samples; every image loads; every number is finite."""
+    import matplotlib.image
+
+    sections = read_page(index)
+    text = index.read_text(encoding="utf-8")
+    assert "nan" not in re.findall(r"\bnan\b|\binf\b", text.lower())
+    for name in groups:
+        sec = sections[f"group-{name}"]
+        assert sec["images"], f"group {name} has no plot"
+        assert len(sec["tables"]) >= 2, f"group {name} lacks tables"
+        for table in sec["tables"]:
+            assert len(table) >= 2, f"group {name} has an empty table"
+            for row in table[1:]:
+                assert all(cell and cell != "—" for cell in row), f"group {name}: empty cell in {row}"
+    for sec in sections.values():
+        for src in sec["images"]:
+            assert src.startswith("data:image/png;base64,")
+            image = matplotlib.image.imread(io.BytesIO(base64.b64decode(src.split(",", 1)[1])), format="png")
+            assert image.shape[0] > 100 and image.shape[1] > 100
+        for table in sec["tables"]:
+            for row in table[1:]:
+                for cell in row:
+                    if NUMBER.match(cell):
+                        value = float(cell.split(" ± ")[0].replace(",", "").rstrip("KM"))
+                        assert math.isfinite(value)
+    md = index.with_name("report.md").read_text(encoding="utf-8")
+    pngs = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md)
+    assert pngs and all((index.parent / p).is_file() for p in pngs)
+    return sections
+
+
+def verdicts(results) -> dict[str, str]:
+    return {f.claim: f.verdict for f in check_claims(results)}
+
+
+# ---------------------------------------------------------------------------------------------
+# tests
+
+
+def test_original_numbers_agree_with_every_claim(tmp_path, monkeypatch):
+    study = make_fake_study(tmp_path / "study", original_numbers, monkeypatch=monkeypatch)
+    found = verdicts(load_results(study))
+    assert len(found) == 16
+    assert all(v == AGREES for v in found.values()), {c: v for c, v in found.items() if v != AGREES}
+
+
+def test_kgram_winning_changes_the_findings(tmp_path, monkeypatch):
+    study = make_fake_study(tmp_path / "study", kgram_wins, monkeypatch=monkeypatch)
+    results = load_results(study)
+    best = {e.family: e for e in results.group("best").entries}
+    assert best["kgram"].get("test_nll").mean < best["lstm"].get("test_nll").mean
+    found = verdicts(results)
+    order = next(c for c in found if c.startswith("Among the pico models the LSTM"))
+    assert found[order] == DISAGREES
+    richest = next(c for c in found if "most diverse text" in c)
+    assert found[richest] == DISAGREES
+    # what does not involve other families is unchanged
+    assert found["Raising K (1 → 3 → 5) lowers validation loss."] == AGREES
+    assert found["Greedy decoding repeats phrases most."] == AGREES
+    # and the report says so
+    index = build_study_report(study)
+    rows = read_page(index)["findings"]["tables"][0]
+    assert [r[1] for r in rows if r[0] == order] == [DISAGREES]
+
+
+def test_report_from_logs_has_every_section(tmp_path, monkeypatch):
+    study = make_fake_study(tmp_path / "study", original_numbers, monkeypatch=monkeypatch)
+    index = build_study_report(study)
+    assert index == study / "report" / "index.html"
+    sections = check_report(index, ["size", "kgram", "transformer", "best", "equal"])
+    # the decoding group: a diversity figure, the diversity table and the study prompt's continuations
+    dec = sections["group-decoding"]
+    assert dec["images"] and len(dec["tables"]) == 2
+    prompt_rows = dec["tables"][1]
+    assert prompt_rows[0] == ["model", "greedy", "top-p 0.9", "top-p 1.0"]
+    assert {r[0].split(" [")[0] for r in prompt_rows[1:]} == {"lstm-pico", "transformer-pico", "kgram-pico-k5-onehot"}
+    # the budget section states what quick changed
+    budget_rows = sections["budget"]["tables"][0]
+    changed = {r[0]: (r[1], r[2]) for r in budget_rows[1:] if r[3] == "all runs"}
+    assert changed["data.tokenizer"] == ("gpt2", "bpe:4096")
+    assert changed["model.context_length"] == ("256", "64")
+    assert changed["data.split"] == ("0.98/0.01/0.01", "0.9/0.05/0.05")
+    assert changed["train.max_tokens"] == ("—", "409,600")
+    assert changed["data.num_stories"] == ("1,000,000", "2,317")
+    # identical runs are shared: transformer-pico (size) is transformer-pico-pre-absolute (transformer)
+    record = json.loads((study / "study.json").read_text())
+    dirs = {e["label"]: e["runs"] for g in record["groups"] for e in g["entries"]}
+    assert dirs["transformer-pico"] == dirs["transformer-pico-pre-absolute"]
+    assert dirs["kgram-pico-onehot"] == dirs["kgram-pico-k3-onehot"]
+
+
+def test_seeds_give_mean_and_std_and_noise_verdicts(tmp_path, monkeypatch):
+    def close_calls(run):
+        numbers = original_numbers(run)
+        # pre-norm + absolute barely better than the rest: 0.001 nats, less than the seeds' spread
+        if run.tags["family"] == "transformer" and run.tags.get("size") == "pico":
+            numbers["loss"] = 4.2 + (0.001 if run.config["model"].get("pos", "absolute") != "absolute"
+                                     or run.config["model"].get("norm", "pre") != "pre" else 0.0)
+            numbers["loss"] += 0.05 * run.config["train"]["seed"] * (1 if run.config["model"].get("pos") == "rope"
+                                                                     else -1)
+        return numbers
+
+    study = make_fake_study(tmp_path / "study", close_calls, seeds=2, monkeypatch=monkeypatch)
+    results = load_results(study)
+    entry = results.group("size").entries[0]
+    assert len(entry.runs) == 2 and entry.get("test_nll").std is not None
+    found = verdicts(results)
+    assert found["Pre-norm with absolute positions gives the lowest perplexity."] == NOISE
+    index = build_study_report(study)
+    rows = read_page(index)["group-size"]["tables"][0]
+    assert " ± " in rows[1][rows[0].index("test NLL")]
+
+
+def test_one_seed_uses_the_tolerance(tmp_path, monkeypatch):
+    def tiny_gap(run):
+        numbers = original_numbers(run)
+        if run.tags["family"] == "kgram" and run.tags.get("size") in ("pico", "tiny") and \
+                run.config["model"].get("k", 3) == 3:
+            numbers["loss"] = 4.5 + (0.004 if run.config["model"]["input"] == "scaled" else 0.0)
+            numbers["noise"] = 0.0
+        return numbers
+
+    study = make_fake_study(tmp_path / "study", tiny_gap, monkeypatch=monkeypatch)
+    found = verdicts(load_results(study))
+    assert found["One-hot inputs give lower test perplexity than scaled embeddings."] == NOISE
+
+
+def test_report_command_rebuilds_from_logs_and_compare_takes_any_runs(tmp_path, monkeypatch):
+    from picollm.cli import main
+
+    study = make_fake_study(tmp_path / "study", original_numbers, monkeypatch=monkeypatch)
+    assert main(["report", str(study), "--out", str(tmp_path / "rebuilt")]) == 0
+    assert (tmp_path / "rebuilt" / "index.html").is_file() and (tmp_path / "rebuilt" / "report.md").is_file()
+    runs = sorted(p for p in (study / "runs").iterdir() if p.name.startswith(("lstm-", "transformer-pico-")))
+    assert main(["compare", *map(str, runs), "--out", str(tmp_path / "cmp")]) == 0
+    sections = read_page(tmp_path / "cmp" / "index.html")
+    group = sections["group-compare"]
+    assert group["images"] and len(group["tables"][0]) == len(runs) + 1
+    assert "findings" not in sections
+
+
+def test_report_of_a_missing_study_is_a_user_error(tmp_path):
+    from picollm.cli import main
+
+    assert main(["report", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("missing", ["summary.json", "eval.json"])
+def test_unfinished_runs_are_reported_not_crashed_on(tmp_path, monkeypatch, missing):
+    study = make_fake_study(tmp_path / "study", original_numbers, monkeypatch=monkeypatch)
+    victim = next((study / "runs").glob("lstm-tiny-*"))
+    (victim / missing).unlink()
+    index = build_study_report(study)
+    text = index.read_text(encoding="utf-8")
+    assert "lstm-tiny" in text
+    if missing == "summary.json":
+        assert "1 of 1 runs not finished" in text

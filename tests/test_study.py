@@ -1,0 +1,149 @@
+"""A tiny study end to end: real data preparation, training, evaluation, generation and the report
+(seconds: a 300-token BPE vocabulary, a 16-token context and a dozen steps per run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_report import check_report
+
+from picollm.cli import main
+from picollm.study.results import load_results
+
+TINY_STUDY = """
+title: tiny study
+default_budget: tiny
+base:
+  data: {num_stories: 120, split: [0.8, 0.1, 0.1], tokenizer: "bpe:300", num_proc: 1}
+  model: {context_length: 16}
+  train: {batch_size: 4, max_steps: 12, eval_interval: 3, eval_batches: 2, ckpt_interval: 6, log_interval: 3,
+          lr: 3.0e-3, sample_tokens: 4, threads: 1}
+budgets:
+  tiny: {description: the test's own budget}
+  tinier:
+    description: even fewer steps
+    set: {train.max_steps: 6}
+    rules:
+      - where: {family: lstm}
+        set: {train.max_steps: 3}
+    eval: {prompts: 2}
+eval: {prompts: 3, prompt_tokens: 4, max_new_tokens: 8}
+groups:
+  size:
+    title: sizes
+    runs:
+      - {name: "lstm-{size}", preset: "lstm-{size}", grid: {size: [pico]}}
+      - {name: "kgram-{size}-{input}", preset: "kgram-{size}", grid: {size: [pico], model.input: [onehot, scaled]}}
+      - {name: "transformer-{size}", preset: "transformer-{size}", grid: {size: [pico]}}
+  kgram:
+    runs:
+      - {name: "kgram-pico-k{k}-{input}", preset: kgram-pico, grid: {model.k: [1, 3], model.input: [onehot, scaled]}}
+  best:
+    select: {groups: [size, kgram], where: {size: pico}, per: family}
+  decoding:
+    select: {groups: [size, kgram], where: {size: pico}, per: family}
+    show: [prompt_samples, diversity]
+  equal:
+    show: [curves, params, results, diversity, samples]
+    runs:
+      - {name: lstm-matched, set: {model.family: lstm}, match: {target: 40000}, tags: {size: matched}}
+      - {name: transformer-matched, set: {model.family: transformer}, match: {target: 40000}, tags: {size: matched}}
+"""
+
+
+@pytest.fixture
+def tiny_study(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_STUDY, encoding="utf-8")
+    return path
+
+
+def _study(tiny_study: Path, out: Path, sample_path: Path, cache_dir: Path, *extra: str) -> int:
+    return main(["study", str(tiny_study), "--data", str(sample_path), "--out", str(out), "--no-progress",
+                 f"--data.cache_dir={cache_dir}", "--jobs", "1", *extra])
+
+
+def test_tiny_study_end_to_end(tiny_study, tmp_path, sample_path, cache_dir, capsys):
+    out = tmp_path / "study"
+    assert _study(tiny_study, out, sample_path, cache_dir) == 0
+    err = capsys.readouterr().err
+    # 8 distinct runs: kgram-pico-{onehot,scaled} (size) are kgram-pico-k3-* (kgram)
+    record = json.loads((out / "study.json").read_text())
+    assert len(record["runs"]) == 8
+    assert err.count("[study] start") == 8 and err.count("[study] done") == 8
+    for info in record["runs"].values():
+        run = out / info["dir"]
+        assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+        ev = json.loads((run / "eval.json").read_text())
+        assert set(ev["diversity"]) == set(ev["samples"]) == {"greedy", "top-p 0.9", "top-p 1.0"}
+        assert len(ev["samples"]["greedy"]) == 3 and len(ev["prompts"]) == 3
+        assert ev["study_prompt"]["prompt"] == "Once upon a time, there was a very intelligent"
+    # equal parameter counts through the solver
+    results = load_results(out)
+    equal = results.group("equal").entries
+    assert [e.label for e in equal] == ["lstm-matched", "transformer-matched"]
+    for e in equal:
+        assert abs(e.get("params").mean - 40_000) / 40_000 <= 0.02
+    # the report: every table, plot and sample present, images load, numbers finite
+    index = out / "report" / "index.html"
+    sections = check_report(index, ["size", "kgram", "best", "equal"])
+    assert len(sections["group-equal"]["images"]) == 2  # curves + parameters
+    dec = sections["group-decoding"]
+    assert dec["images"] and [len(t) for t in dec["tables"]] == [10, 4]  # 3 models x 3 strategies; 3 models
+    findings = sections["findings"]["tables"][0]
+    assert len(findings) == 17 and all(r[1] in ("agrees", "disagrees", "within noise", "not checked")
+                                       for r in findings[1:])
+
+    # again: everything is reused, nothing trains
+    assert _study(tiny_study, out, sample_path, cache_dir) == 0
+    err = capsys.readouterr().err
+    assert "8 of 8 runs are finished already" in err and "[study] start" not in err
+
+    # an interrupted run resumes from its checkpoint; a lost eval.json is regenerated
+    lstm = out / record["runs"][next(k for k, v in record["runs"].items() if v["label"] == "lstm-pico")]["dir"]
+    (lstm / "summary.json").unlink()
+    for name in ("final", "best"):
+        import shutil
+
+        shutil.rmtree(lstm / name)
+    kgram = next(out / v["dir"] for v in record["runs"].values() if v["label"] == "kgram-pico-k1-scaled")
+    (kgram / "eval.json").unlink()
+    assert _study(tiny_study, out, sample_path, cache_dir) == 0
+    err = capsys.readouterr().err
+    assert "6 of 8 runs are finished already" in err and err.count("[study] done") == 2
+    assert json.loads((lstm / "summary.json").read_text())["steps"] == 12
+    assert (kgram / "eval.json").is_file()
+
+
+def test_budget_seeds_only_and_dry_run(tiny_study, tmp_path, sample_path, cache_dir, capsys):
+    out = tmp_path / "study"
+    code = _study(tiny_study, out, sample_path, cache_dir, "--budget", "tinier", "--only", "best", "--seeds", "2",
+                  "--dry-run")
+    assert code == 0
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.out.splitlines() if ln.startswith(("lstm", "kgram", "transformer"))]
+    # --only best brings size and kgram: 6 configurations x 2 seeds
+    assert len(lines) == 12
+    assert not (out / "study.json").exists()  # a dry run writes nothing
+    lstm = [ln for ln in lines if ln.startswith("lstm-pico")]
+    assert all(" 192 " in ln for ln in lstm)  # tinier: 3 steps of 4 x 16 tokens for the LSTM
+    assert "distinct runs" in captured.out
+
+
+def test_jobs_train_runs_in_parallel_processes_with_the_same_results(tiny_study, tmp_path, sample_path, cache_dir,
+                                                                      capsys):
+    args = ("--budget", "tinier", "--only", "size", "--no-report")
+    assert _study(tiny_study, tmp_path / "one", sample_path, cache_dir, *args) == 0
+    assert _study(tiny_study, tmp_path / "two", sample_path, cache_dir, *args, "--jobs", "2") == 0
+    err = capsys.readouterr().err
+    assert err.count("[study] done") == 8
+    one = sorted((tmp_path / "one" / "runs").iterdir())
+    two = sorted((tmp_path / "two" / "runs").iterdir())
+    assert [p.name for p in one] == [p.name for p in two] and len(one) == 4
+    for a, b in zip(one, two, strict=True):
+        sa, sb = (json.loads((p / "summary.json").read_text()) for p in (a, b))
+        assert sa["test"]["nll"] == pytest.approx(sb["test"]["nll"], abs=1e-6)
+        ea, eb = (json.loads((p / "eval.json").read_text()) for p in (a, b))
+        assert ea["samples"] == eb["samples"]

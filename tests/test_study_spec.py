@@ -1,0 +1,157 @@
+"""The study file: schema validation, grid expansion, budgets, run identity (no data, no training)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from picollm.config import RunConfig, from_dict
+from picollm.errors import UserError
+from picollm.study import runner
+from picollm.study.spec import expand, load_study, parse_study
+
+
+def _spec(text: str):
+    return parse_study(yaml.safe_load(text), source="test")
+
+
+MINIMAL = """
+default_budget: b
+base: {train: {lr: 1.0e-3}, data: {tokenizer: "bpe:300"}}
+budgets:
+  b:
+    set: {train.max_steps: 5}
+    rules: [{where: {family: lstm}, set: {train.max_steps: 2}}]
+groups:
+  g:
+    runs:
+      - {name: "kgram-k{k}-{input}", preset: kgram-pico, grid: {model.k: [1, 2], model.input: [onehot, scaled]}}
+      - {preset: "lstm-{size}", grid: {size: [pico, tiny]}}
+  h:
+    select: {groups: [g]}
+"""
+
+
+def test_the_builtin_study_is_valid_and_has_every_group():
+    spec = load_study()
+    assert list(spec.groups) == ["size", "kgram", "transformer", "best", "decoding", "equal"]
+    assert set(spec.budgets) == {"quick", "full"} and spec.default_budget == "quick"
+    groups = {g.spec.name: g for g in expand(spec, "quick")}
+    assert len(groups["size"].runs) == 12 and len(groups["kgram"].runs) == 6
+    assert len(groups["transformer"].runs) == 6 and len(groups["equal"].runs) == 3
+    assert not groups["best"].runs and groups["best"].spec.select is not None
+    full = {g.spec.name: g for g in expand(spec, "full")}
+    cfg = full["size"].runs[0].config_dict()
+    assert cfg["data"]["tokenizer"] == "gpt2" and cfg["data"]["split"] == [0.98, 0.01, 0.01]
+    assert cfg["train"]["epochs"] == 5 and cfg["train"]["lr"] == 3e-4 and cfg["train"]["batch_size"] == 64
+    assert cfg["train"].get("max_tokens") is None and cfg["data"]["num_stories"] == 1_000_000
+
+
+def test_grid_over_dotted_keys_labels_tags_and_budget_rules():
+    groups = expand(_spec(MINIMAL), "b")
+    runs = groups[0].runs
+    assert [r.label for r in runs] == ["kgram-k1-onehot", "kgram-k1-scaled", "kgram-k2-onehot", "kgram-k2-scaled",
+                                       "lstm-pico", "lstm-tiny"]
+    first = runs[0].config_dict()
+    assert first["model"]["k"] == 1 and first["model"]["input"] == "onehot" and first["model"]["embed_dim"] == 32
+    assert first["train"] == {"lr": 1e-3, "max_steps": 5, "seed": 0}
+    assert runs[0].tags == {"size": "pico", "family": "kgram", "k": 1, "input": "onehot"}
+    assert runs[4].config_dict()["train"]["max_steps"] == 2  # the rule for family=lstm
+    assert runs[5].tags["size"] == "tiny"
+
+
+def test_seeds_only_and_command_line_overrides():
+    spec = _spec(MINIMAL)
+    groups = expand(spec, "b", seeds=3, cli={"train.lr": 0.5})
+    seeds = [r.seed for r in groups[0].runs if r.label == "lstm-pico"]
+    assert seeds == [0, 1, 2]
+    assert all(r.config_dict()["train"]["lr"] == 0.5 for r in groups[0].runs)
+    assert [g.spec.name for g in expand(spec, "b", only=["h"])] == ["g", "h"]  # h selects from g
+    with pytest.raises(UserError, match="nope names no group and no run"):
+        expand(spec, "b", only=["nope"])
+    by_label = expand(spec, "b", only=["kgram-k1-*", "lstm-tiny"])
+    assert [r.label for r in by_label[0].runs] == ["kgram-k1-onehot", "kgram-k1-scaled", "lstm-tiny"]
+    with pytest.raises(UserError, match="unknown budget 'huge'"):
+        expand(spec, "huge")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("groups: {g: {runs: [{preset: lstm-pico, colour: red}]}}", "colour"),
+    ("groups: {g: {runs: [{preset: lstm-pico, grid: {model.k: 3}}]}}", "non-empty list"),
+    ("groups: {g: {runs: [{name: '{nope}', preset: lstm-pico}]}}", "unknown placeholder"),
+    ("groups: {g: {select: {groups: [x]}}}", "selects from x"),
+    ("groups: {g: {}}", "either 'runs'"),
+    ("groups: {g: {runs: [{preset: lstm-pico, set: {optim.lr: 1}}]}}", "start with one of"),
+    ("groups: {g: {runs: [{preset: lstm-pico}]}}\neval: {diversity_strategy: beam}", "diversity_strategy"),
+    ("groups: {g: {runs: [{preset: lstm-pico}], show: [everything]}}", "unknown section"),
+    ("groups: {g: {runs: [{preset: lstm-pico}, {preset: lstm-pico}]}}", "several runs are labelled"),
+    ("groups: {g: {runs: [{set: {model.family: lstm}, match: {target: -3}}]}}", "match.target"),
+])
+def test_mistakes_are_user_errors_naming_the_key(text, message):
+    with pytest.raises(UserError, match=message):
+        expand(_spec(text), "quick")
+
+
+def _fake_prepare(data_cfg, progress):  # noqa: ARG001
+    return SimpleNamespace(tokenizer=SimpleNamespace(vocab_size=300), num_tokens=lambda split: 10_000)
+
+
+def test_identity_is_shared_across_groups_and_ignores_how_a_run_is_carried_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "_prepare", _fake_prepare)
+    text = MINIMAL + """
+  again:
+    runs:
+      - {name: "same-as-k1-onehot", preset: kgram-pico, set: {model.k: 1, model.input: onehot, model.dropout: 0.0}}
+"""
+    plan = runner.plan_study(_spec(text), tmp_path, progress=False)
+    assert len(plan.runs) == 6  # 'again' reuses g's kgram-k1-onehot (dropout 0.0 is the default)
+    shared = next(r for r in plan.runs.values() if r.label == "kgram-k1-onehot")
+    assert shared.uses == [("g", "kgram-k1-onehot"), ("again", "same-as-k1-onehot")]
+    assert shared.config["model"]["vocab_size"] == 300
+    cfg = from_dict(RunConfig, shared.config)
+    ident = runner.run_identity(cfg)
+    cfg.train.threads, cfg.train.device, cfg.out = 1, "cpu", "elsewhere"
+    assert runner.run_identity(cfg) == ident
+    cfg.train.seed = 1
+    assert runner.run_identity(cfg) != ident
+    # a directory found under its id is reused even if its label changed
+    (tmp_path / "runs" / f"renamed-{ident}").mkdir(parents=True)
+    plan = runner.plan_study(_spec(text), tmp_path, progress=False)
+    assert next(r for r in plan.runs.values() if r.run_id == ident).directory.name == f"renamed-{ident}"
+
+
+def test_evals_per_run_and_parameter_matching(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "_prepare", _fake_prepare)
+    text = """
+default_budget: b
+base: {model: {context_length: 16}, train: {batch_size: 4, max_tokens: 6400}}
+budgets: {b: {evals_per_run: 10}}
+groups:
+  equal:
+    runs:
+      - {name: lstm, set: {model.family: lstm}, match: {target: transformer-pico}}
+      - {name: kgram, set: {model.family: kgram, model.input: onehot}, match: {target: 50000}}
+"""
+    plan = runner.plan_study(_spec(text), tmp_path, progress=False)
+    from picollm.models.sizing import count_parameters
+
+    runs = {r.label: r for r in plan.runs.values()}
+    target = count_parameters({"family": "transformer", "d_model": 64, "n_heads": 1, "n_layers": 1,
+                               "context_length": 16, "vocab_size": 300})
+    assert abs(count_parameters(runs["lstm"].config["model"]) - target) <= 0.02 * target
+    assert abs(count_parameters(runs["kgram"].config["model"]) - 50_000) <= 0.02 * 50_000
+    assert runs["kgram"].config["model"]["input"] == "onehot"
+    assert runs["lstm"].config["train"]["eval_interval"] == 10  # 100 steps / 10 evaluations
+
+
+def test_grid_replacement_and_with_base(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "_prepare", _fake_prepare)
+    plan = runner.plan_study(load_study(), tmp_path, only=["size"], grid={"model.input": ["onehot"]},
+                             extend={"size": ["base"]}, progress=False)
+    labels = [r.label for r in plan.runs.values()]
+    assert labels == ["lstm-pico", "lstm-tiny", "lstm-small", "lstm-base", "kgram-pico-onehot", "kgram-tiny-onehot",
+                      "kgram-small-onehot", "kgram-base-onehot", "transformer-pico", "transformer-tiny",
+                      "transformer-small", "transformer-base"]
+    assert next(r for r in plan.runs.values() if r.label == "transformer-base").config["model"]["d_model"] == 768
