@@ -102,10 +102,13 @@ def params_plot(entries: list[Entry], title: str, path: Path) -> Path | None:
     ax.bar(labels, emb, bottom=ne, color=COLORS[3], label="embeddings + output layer")
     for i, (total, n) in enumerate(zip([r[1] for r in rows], ne, strict=True)):
         ax.text(i, total, f"{total / 1e6:.2f}M\n({n / 1e3:.0f}K non-emb.)", ha="center", va="bottom", fontsize=7.5)
+    from matplotlib.ticker import FuncFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}K"))
     ax.set_ylabel("parameters")
     ax.set_title(title, fontsize=10)
-    ax.set_ylim(0, max(r[1] for r in rows) * 1.25)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(0, max(r[1] for r in rows) * 1.55)
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
     ax.grid(True, axis="y", alpha=0.3)
     plt.setp(ax.get_xticklabels(), rotation=15, ha="right", fontsize=8)
     fig.tight_layout()

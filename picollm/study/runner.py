@@ -196,9 +196,9 @@ def plan_study(spec: StudySpec, out: str | Path, budget: str | None = None, seed
                 prepared[key] = _prepare(data_cfg, progress)
             prep = prepared[key]
             model = dict(data.get("model") or {})
-            model["vocab_size"] = prep.tokenizer.vocab_size
+            model.setdefault("vocab_size", prep.tokenizer.vocab_size)  # the tokenizer's unless set
             if run.match is not None:
-                model = _solve(run, model, prep.tokenizer.vocab_size)
+                model = _solve(run, model, int(model["vocab_size"]))
             data["model"] = model
             data["out"] = "."
             config = from_dict(RunConfig, data)
@@ -312,7 +312,8 @@ def eval_is_current(directory: Path, settings: EvalSpec) -> bool:
     return record.get("settings") == eval_record_settings(settings)
 
 
-def evaluate_run(directory: str | Path, settings: EvalSpec, prepared: Any = None) -> dict[str, Any]:
+def evaluate_run(directory: str | Path, settings: EvalSpec, prepared: Any = None,
+                 device: str = "cpu") -> dict[str, Any]:
     """Generate from a finished run and write its eval.json: diversity and samples per strategy on
     prompts from the validation split, and the study prompt's continuations."""
     import picollm
@@ -321,7 +322,7 @@ def evaluate_run(directory: str | Path, settings: EvalSpec, prepared: Any = None
     from picollm.generation import generate
 
     directory = Path(directory)
-    model = picollm.load(str(directory))
+    model = picollm.load(str(directory), device=device)
     data = prepared if prepared is not None else prepared_for_run(directory)
     tokens = data.tokens("val")
     offsets = data.story_offsets("val")
@@ -367,6 +368,7 @@ def train_and_evaluate(config: dict[str, Any], settings: dict[str, Any], threads
 
     import torch
 
+    from picollm.device import resolve_device
     from picollm.training.trainer import train
 
     if threads:
@@ -379,7 +381,8 @@ def train_and_evaluate(config: dict[str, Any], settings: dict[str, Any], threads
         result = train(config, resume=True, progress=False)
         summary = dict(result.summary)
         if summary.get("status") == "finished" and not eval_is_current(result.directory, spec):
-            evaluate_run(result.directory, spec, prepared=prepared)
+            device = resolve_device(str((config.get("train") or {}).get("device", "auto")))
+            evaluate_run(result.directory, spec, prepared=prepared, device=str(device))
     return summary
 
 
@@ -700,19 +703,20 @@ def dry_run_rows(plan: StudyPlan, jobs: int = 1) -> list[dict[str, Any]]:
 
 def format_dry_run(rows: list[dict[str, Any]], jobs: int = 1) -> str:
     head = f"{'run':34s} {'groups':22s} {'params':>10s} {'non-emb':>10s} {'tokens':>11s} {'FLOPs':>9s} " \
-           f"{'tok/s':>8s} {'est.':>8s}"
+           f"{'tok/s':>8s} {'est.':>8s}  status"
     lines = [head, "-" * len(head)]
     total = 0.0
     for r in rows:
-        est = 0.0 if r["finished"] else float(r["est_seconds"])
-        total += est
+        est = float(r["est_seconds"])
+        if not r["finished"]:
+            total += est
         lines.append(f"{r['run'][:34]:34s} {','.join(r['groups'])[:22]:22s} {r['num_parameters']:>10,} "
                      f"{r['num_parameters_non_embedding']:>10,} {r['tokens']:>11,} {r['flops']:>9.2e} "
-                     f"{r['tokens_per_s']:>8,.0f} {'done' if r['finished'] else _duration(est):>8s}")
+                     f"{r['tokens_per_s']:>8,.0f} {_duration(est):>8s}  {'finished' if r['finished'] else 'to train'}")
     lines.append("-" * len(head))
-    wall = total / max(1, jobs)
-    lines.append(f"{len(rows)} distinct runs, {sum(1 for r in rows if r['finished'])} finished; training time "
-                 f"{_duration(total)}" + (f" (about {_duration(wall)} with --jobs {jobs})" if jobs > 1 else "")
+    todo = sum(1 for r in rows if not r["finished"])
+    lines.append(f"{len(rows)} distinct runs, {len(rows) - todo} finished; {todo} to train: {_duration(total)} of "
+                 f"training" + (f", about {_duration(total / jobs)} with {jobs} at a time" if jobs > 1 else "")
                  + ", plus evaluation and generation after each run")
     return "\n".join(lines)
 
