@@ -163,7 +163,7 @@ def test_bench_tiny_mode_emits_the_json_schema(tmp_path):
         assert row["flops_per_token"] > 0 and row["speedup"] > 0 and row["memory_ratio"] > 0
         assert row["eval"]["tokens_per_s"] > 0
     assert data["generation"][0]["cache_tokens_per_s"] > 0
-    assert data["kgram_loop"]["loop_tokens_per_s"] > 0
+    assert data["kgram_loop"]["loop_fwd_bwd_tokens_per_s"] > 0 and data["kgram_loop"]["speedup"] > 0
     names = [t["name"] for t in data["targets"]]
     assert "train_speedup[transformer-pico]" in names and "kgram_vectorised_over_loop" in names
     for target in data["targets"]:

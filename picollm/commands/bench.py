@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu: every CPU target; cuda: bf16 + compile for the small and base Transformers")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="cuda: leave out torch.compile")
     parser.add_argument("--gpu-batch", type=int, default=32, help="cuda: sequences per step (default 32)")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the figures as Markdown tables to PATH")
     parser.add_argument("--strict", action="store_true", help="exit with status 3 when any target FAILs")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: toy models, seconds
 
@@ -105,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {path}")
+    if args.markdown:
+        from picollm.bench import markdown
+
+        Path(args.markdown).write_text(markdown(result) + "\n", encoding="utf-8")
+        print(f"wrote {args.markdown}")
     if args.strict and not all(t["pass"] for t in result["targets"]):
         return 3
     return 0
