@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from picollm.checkpoint import write_json_atomic
-from picollm.config import RunConfig, from_dict, to_dict
+from picollm.config import RunConfig, from_dict, load_yaml, to_dict
 from picollm.errors import UserError
 
 CONFIG = "config.yaml"
@@ -62,12 +62,7 @@ def read_run_config(out: Path) -> RunConfig:
     path = out / CONFIG
     if not path.is_file():
         raise UserError(f"{out} is not a picollm run directory: {CONFIG} is missing")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    except RecursionError:
-        raise UserError(f"{path} is nested too deeply to be a picollm config") from None
+    data = load_yaml(path)
     try:
         return from_dict(RunConfig, data)
     except UserError as exc:
