@@ -258,7 +258,7 @@ class TrainConfig:
     seed: int = 0
     # hardware
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    dtype: str = "auto"  # auto (bf16 where the hardware runs it natively, else fp32) | fp32 | bf16 | fp16
     compile: bool = False
     loss_chunk_tokens: int = 4096  # rows of logits computed at once in the chunked loss; 0 = plain loss
     threads: int | None = None  # torch CPU threads; None = torch's default
@@ -291,7 +291,7 @@ class TrainConfig:
         check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be at least 1")
         check(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
               "train.device", "use auto, cpu, cuda, cuda:N or mps")
-        check(self.dtype in ("fp32", "bf16", "fp16"), "train.dtype", "use fp32, bf16 or fp16")
+        check(self.dtype in ("auto", "fp32", "bf16", "fp16"), "train.dtype", "use auto, fp32, bf16 or fp16")
         check(self.loss_chunk_tokens >= 0, "train.loss_chunk_tokens", "must be >= 0 (0 = plain loss)")
         check(self.threads is None or self.threads >= 1, "train.threads", "must be at least 1")
 

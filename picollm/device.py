@@ -9,6 +9,7 @@ import torch
 from picollm.errors import UserError
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_CHOICES = ("auto", *AMP_DTYPES)
 
 
 def _mps_available() -> bool:
@@ -39,9 +40,34 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 matmuls run natively on `device`: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or
+    AMX. Elsewhere oneDNN emulates bf16 on the CPU, which is slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(check()) for check in checks if check is not None)
+
+
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> str:
+    """'auto' -> bf16 autocast where bf16 runs natively, fp32 elsewhere; other names stay as they are.
+
+    bf16 autocast keeps the weights, optimizer state and loss reduction in fp32; on the sample its loss
+    curve stays within 0.001 nats of fp32's while a step takes about half the time (docs/performance.md).
+    """
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if name not in AMP_DTYPES:
+        raise UserError(f"dtype {name!r}: use one of {', '.join(DTYPE_CHOICES)}")
+    return name
+
+
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """Autocast to bf16/fp16 on `device`; fp32 is no autocast at all."""
-    amp = AMP_DTYPES[dtype]
+    """Autocast to bf16/fp16 on `device` ('auto' resolved as in `resolve_dtype`); fp32 is no autocast."""
+    amp = AMP_DTYPES[resolve_dtype(dtype, device)]
     if amp is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp)

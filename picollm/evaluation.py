@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from picollm.device import AMP_DTYPES, autocast, model_device, resolve_device
+from picollm.device import DTYPE_CHOICES, autocast, model_device, resolve_device, resolve_dtype
 from picollm.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -44,6 +44,7 @@ class EvalResult:
     tokens: int  # target tokens evaluated
     bytes: float | None  # bytes those targets stand for (scaled for a subset)
     windows: int = 0  # windows evaluated
+    dtype: str = "fp32"  # the autocast dtype it ran in ("auto" resolved)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,12 +80,13 @@ def _nll_sum(model: Any, inputs: torch.Tensor, targets: torch.Tensor, chunk_toke
 
 def evaluate_tokens(model: Any, tokens: np.ndarray, context_length: int, batch_size: int = 32,
                     num_bytes: int | None = None, max_windows: int | None = None, device: Any = None,
-                    dtype: str = "fp32", chunk_tokens: int = 4096) -> EvalResult:
+                    dtype: str = "auto", chunk_tokens: int = 4096) -> EvalResult:
     """NLL, perplexity and bits per byte of `model` on a packed 1-D token stream (see the module doc).
 
     `num_bytes`: the bytes the whole stream stands for (None: bpb is None). `max_windows`: evaluate
     the first windows only, bytes scaled by the share of targets evaluated. `device`: where to run
-    (default: the model's device; the model is moved there). `dtype`: fp32, bf16 or fp16 (autocast).
+    (default: the model's device; the model is moved there). `dtype`: auto, fp32, bf16 or fp16 (autocast;
+    auto = bf16 where the hardware runs it natively, else fp32).
     The model is put in eval mode and its training mode restored afterwards.
     """
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
@@ -94,8 +96,8 @@ def evaluate_tokens(model: Any, tokens: np.ndarray, context_length: int, batch_s
     if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)
                                     or max_windows < 1):
         raise UserError(f"max windows must be an integer >= 1, got {max_windows!r}")
-    if dtype not in AMP_DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(AMP_DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPE_CHOICES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
     if num_bytes is not None and num_bytes <= 0:
         raise UserError(f"num_bytes must be positive, got {num_bytes!r}")
     tokens = np.asarray(tokens) if not isinstance(tokens, np.ndarray) else tokens
@@ -120,6 +122,7 @@ def evaluate_tokens(model: Any, tokens: np.ndarray, context_length: int, batch_s
                             "tokenized with another tokenizer")
 
     run_device = resolve_device(device) or model_device(model)
+    dtype = resolve_dtype(dtype, run_device)
     if model_device(model) != run_device:
         model.to(run_device)
     was_training = model.training
@@ -144,7 +147,8 @@ def evaluate_tokens(model: Any, tokens: np.ndarray, context_length: int, batch_s
     nll = total / end
     used_bytes = None if num_bytes is None else num_bytes * (end / n_targets)
     bpb = None if used_bytes is None else total / math.log(2) / used_bytes
-    return EvalResult(nll=nll, ppl=_ppl(nll), bpb=bpb, tokens=end, bytes=used_bytes, windows=windows)
+    return EvalResult(nll=nll, ppl=_ppl(nll), bpb=bpb, tokens=end, bytes=used_bytes, windows=windows,
+                      dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +242,7 @@ def _check_tokenizers(model: Any, prepared: Any) -> None:
 
 
 def evaluate(model: Any, split: str = "test", data: str | Path | None = None, prepared: Any = None,
-             batch_size: int = 32, max_windows: int | None = None, device: Any = None, dtype: str = "fp32",
+             batch_size: int = 32, max_windows: int | None = None, device: Any = None, dtype: str = "auto",
              chunk_tokens: int = 4096, context_length: int | None = None, text_field: str = "text",
              format: str | None = None, encoding_errors: str = "strict") -> EvalResult:
     """`picollm.evaluate`: NLL, perplexity and bits per byte of a model on a split or a text file.

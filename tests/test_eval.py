@@ -74,12 +74,12 @@ def test_nll_and_perplexity_by_hand():
     logs = [math.log(p) for p in (0.3, 0.8, 0.5, 0.25, 0.5, 0.3, 0.1, 0.8)]
     expected = -sum(logs) / 8
     for context, batch, chunk in [(3, 1, 4096), (3, 2, 2), (8, 32, 1), (100, 4, 5), (1, 3, 4096)]:
-        result = evaluate_tokens(model, stream, context, batch_size=batch, chunk_tokens=chunk)
+        result = evaluate_tokens(model, stream, context, batch_size=batch, chunk_tokens=chunk, dtype="fp32")
         assert result.nll == pytest.approx(expected, rel=1e-6), (context, batch, chunk)
         assert result.tokens == 8
         assert result.ppl == pytest.approx(math.exp(result.nll), rel=1e-12)
         assert result.bpb is None and result.bytes is None
-    assert evaluate_tokens(model, stream, 3).windows == 3  # 3 + 3 + 2 targets
+    assert evaluate_tokens(model, stream, 3, dtype="fp32").windows == 3  # 3 + 3 + 2 targets
 
 
 def test_windows_are_non_overlapping_and_start_fresh():
@@ -96,7 +96,7 @@ def test_windows_are_non_overlapping_and_start_fresh():
             pos = min((g - 1) % C, P - 1)
             logits = TABLE[stream[g - 1]].log() + position_logits[pos]
             total += float(torch.logsumexp(logits, 0) - logits[stream[g]])
-        result = evaluate_tokens(model, stream, C, batch_size=3)
+        result = evaluate_tokens(model, stream, C, batch_size=3, dtype="fp32")
         assert result.nll == pytest.approx(total / 22, rel=1e-6)
         assert result.windows == math.ceil(22 / C)
 
@@ -105,14 +105,14 @@ def test_bits_per_byte_constructed_case():
     # a uniform model over 4 tokens: exactly 2 bits per token
     model = TableBigram(torch.full((4, 4), 0.25))
     stream = np.array([0, 1, 2, 3, 0, 1, 2, 3, 0], dtype=np.uint16)  # 8 targets -> 16 bits
-    result = evaluate_tokens(model, stream, 4, num_bytes=4)
+    result = evaluate_tokens(model, stream, 4, num_bytes=4, dtype="fp32")
     assert result.nll == pytest.approx(math.log(4))
     assert result.ppl == pytest.approx(4.0)
     assert result.bpb == pytest.approx(16 / 4)
     assert result.bytes == 4
-    assert evaluate_tokens(model, stream, 4, num_bytes=32).bpb == pytest.approx(0.5)
+    assert evaluate_tokens(model, stream, 4, num_bytes=32, dtype="fp32").bpb == pytest.approx(0.5)
     assert result.as_dict() == {"nll": result.nll, "ppl": result.ppl, "bpb": result.bpb, "tokens": 8,
-                                "bytes": 4, "windows": 2}
+                                "bytes": 4, "windows": 2, "dtype": "fp32"}
 
 
 def test_fixed_subset_mode():

@@ -11,6 +11,7 @@ import yaml
 from picollm.checkpoint import load, save_model
 from picollm.cli import main
 from picollm.config import DataConfig, RunConfig, to_dict
+from picollm.device import resolve_dtype
 from picollm.evaluation import evaluate_tokens, stream_from_file
 from picollm.models.registry import build_model
 
@@ -61,8 +62,9 @@ def test_eval_run_directory_split(run_dir, capsys):
     assert main(["eval", str(run), "--split", "val", "--json", "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)
     want = evaluate_tokens(load(run), prepared.tokens("val"), 16, num_bytes=prepared.num_bytes("val"))
+    assert report["dtype"] == want.dtype == resolve_dtype("auto", "cpu")  # both default to auto
     for key, value in want.as_dict().items():
-        assert report[key] == pytest.approx(value, rel=1e-9), key
+        assert report[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-9)), key
     # plain output names every number
     assert main(["eval", str(run / "final"), "--split", "test", "--max-windows", "2"]) == 0
     out = capsys.readouterr().out

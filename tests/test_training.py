@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import picollm
 from picollm.cli import main
 from picollm.config import RunConfig, from_dict, load_run_config
+from picollm.device import resolve_dtype
 from picollm.errors import UserError
 from picollm.loss import linear_cross_entropy, model_loss
 from picollm.models.registry import build_model
@@ -70,8 +71,8 @@ def test_schedule_warmup_then_cosine_to_min_lr():
 
 def test_defaults_are_the_study_recipe():
     t = RunConfig().train
-    assert (t.optimizer, t.lr, t.schedule, t.warmup_ratio, t.batch_size, t.epochs) == \
-        ("adamw", 3e-4, "cosine", 0.1, 64, 5.0)
+    assert (t.optimizer, t.lr, t.schedule, t.warmup_ratio, t.batch_size, t.epochs, t.dtype) == \
+        ("adamw", 3e-4, "cosine", 0.1, 64, 5.0, "auto")
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -180,6 +181,8 @@ def test_run_directory_metrics_checkpoints_and_load(tmp_path, data_section):
         assert math.isclose(s[split]["ppl"], math.exp(s[split]["nll"]), rel_tol=1e-9)
         assert s[split]["bpb"] > 0
     assert 0 < s["unigram_entropy"] < math.log(512)
+    # dtype auto is resolved once and recorded, so that a resume keeps it
+    assert s["dtype"] == load_run_config(out / "config.yaml").train.dtype == resolve_dtype("auto", "cpu")
     for name in ("config.yaml", "environment.json", "rerun.sh", "metrics.jsonl", "summary.json"):
         assert (out / name).is_file(), name
     env = json.loads((out / "environment.json").read_text())
@@ -435,6 +438,7 @@ def test_dry_run_reports_parameters_tokens_flops_and_time(tmp_path, data_section
     assert report["steps"] == 12 and report["tokens"] == 12 * 4 * 32
     assert report["flops"] == report["flops_per_token"] * report["tokens"] > 0
     assert report["est_seconds"] > 0 and report["num_parameters"] > report["num_parameters_non_embedding"]
+    assert report["dtype"] == resolve_dtype("auto", "cpu")
     assert not (tmp_path / "dry").exists()
 
 

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-length", type=int, default=None,
                         help="window length; default: the model's training context")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast dtype")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="autocast dtype; auto = bf16 where the hardware runs it natively, else fp32")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     div = parser.add_argument_group("diversity")
     div.add_argument("--diversity", action="store_true",

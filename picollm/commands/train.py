@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="shortcut for --data.data (hf:NAME or a local file/folder)")
     parser.add_argument("--tokenizer", help="shortcut for --data.tokenizer (gpt2 or bpe:N)")
     parser.add_argument("--device", help="shortcut for --train.device (auto|cpu|cuda|mps)")
-    parser.add_argument("--dtype", help="shortcut for --train.dtype (fp32|bf16|fp16)")
+    parser.add_argument("--dtype", help="shortcut for --train.dtype (auto|fp32|bf16|fp16)")
     parser.add_argument("--compile", action="store_true", help="shortcut for --train.compile true")
     parser.add_argument("--wandb", action="store_true", help="log to Weights & Biases (honours WANDB_MODE)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the final checkpoint when done")

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from picollm.checkpoint import (
     write_model_files,
 )
 from picollm.config import RunConfig, from_dict, to_dict
-from picollm.device import autocast, resolve_device
+from picollm.device import autocast, resolve_device, resolve_dtype
 from picollm.errors import UserError
 from picollm.loss import model_loss
 from picollm.models.base import LanguageModel
@@ -254,8 +254,8 @@ def resume_run(directory: str | Path, progress: bool = True, overrides: dict[str
 def dry_run(config: RunConfig | dict[str, Any], measure_steps: int = 3) -> dict[str, Any]:
     """Parameters, tokens, FLOPs and an estimated wall time from a few measured steps, without training."""
     cfg = resolve_config(config)
-    t = cfg.train
-    device = resolve_device(t.device)
+    device = resolve_device(cfg.train.device)
+    t = replace(cfg.train, dtype=resolve_dtype(cfg.train.dtype, device))
     if t.threads:
         torch.set_num_threads(t.threads)
     data = _prepare(cfg, Dist(), progress=False)
@@ -303,6 +303,7 @@ def dry_run(config: RunConfig | dict[str, Any], measure_steps: int = 3) -> dict[
         "tokens_per_s": plan.tokens_per_step / step_seconds,
         "est_seconds": step_seconds * plan.total_steps,
         "device": str(device),
+        "dtype": t.dtype,
     }
 
 
@@ -337,6 +338,8 @@ class _Trainer:
             torch.cuda.set_device(device)
         if t.threads:
             torch.set_num_threads(t.threads)
+        # config.yaml and the summary record the dtype the run used, so that a resume keeps it
+        self.cfg = replace(self.cfg, train=replace(t, dtype=resolve_dtype(t.dtype, device)))
         try:
             return self._run(device, d)
         except Exception as exc:
