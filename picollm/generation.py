@@ -147,8 +147,7 @@ def _next_tokens(logits: torch.Tensor, strategy: str, top_p: float, top_k: int, 
 
 def _last_logits(model: Any, window: torch.Tensor) -> torch.Tensor:
     """Recompute-from-scratch reference: logits [B, V] at the last position of `window` [B, T]."""
-    hidden = model.features(window)[:, -1]
-    return model.output_layer(hidden)
+    return model.next_token_logits(model.features(window)[:, -1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,6 +113,21 @@ def test_prefill_of_one_token(name):
         assert (logits - model(seq[:, :2])[:, 1]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("name", ["lstm", "kgram-onehot", "transformer-untied-nobias", "transformer-rope-pre-rmsnorm"])
+@pytest.mark.parametrize("rows", [1, 2, 16, 17])
+def test_next_token_logits_equal_the_output_layer(name, rows):
+    """The generation-step projection (W @ h.T on CPU for up to 16 rows) gives the output layer's logits."""
+    model = make(name)
+    hidden = torch.randn(rows, model.output_layer.in_features, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model.next_token_logits(hidden)
+        expected = model.output_layer(hidden)
+    assert logits.shape == (rows, V) and logits.is_contiguous()
+    assert (logits - expected).abs().max() < 1e-5
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.next_token_logits(hidden).dtype == torch.bfloat16  # autocast: the plain layer
+
+
 @pytest.mark.parametrize("name", ["lstm-2layers", "kgram-scaled", "kgram-onehot",
                                   "transformer-absolute-pre-rmsnorm", "transformer-rope-post-layernorm",
                                   "transformer-untied-nobias"])

@@ -98,11 +98,11 @@ class KGramModel(LanguageModel):
 
     def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
         window = self.windows(tokens)[:, -1]  # [B, k]: the state is the last k tokens
-        return self.output_layer(self._hidden(window)), window.contiguous()
+        return self.next_token_logits(self._hidden(window)), window.contiguous()
 
     def decode(self, tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         window = torch.cat([state[:, 1:], tokens[:, None]], dim=1)  # slide by one
-        return self.output_layer(self._hidden(window)), window
+        return self.next_token_logits(self._hidden(window)), window
 
 
 def scale(width: int) -> dict[str, Any]:

@@ -56,11 +56,11 @@ class LSTMModel(LanguageModel):
 
     def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
         out, state = self._run(tokens)
-        return self.output_layer(out[:, -1]), state
+        return self.next_token_logits(out[:, -1]), state
 
     def decode(self, tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         out, state = self._run(tokens[:, None], state)  # state = (h, c), each [n_layers, B, hidden]
-        return self.output_layer(out[:, -1]), state
+        return self.next_token_logits(out[:, -1]), state
 
 
 def scale(width: int) -> dict[str, Any]:

@@ -254,11 +254,11 @@ class TransformerModel(LanguageModel):
     def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
         cache = KVCache(self.config.n_layers, self.config.context_length)
         x = self._run(tokens, cache)
-        return self.output_layer(x[:, -1]), cache
+        return self.next_token_logits(x[:, -1]), cache
 
     def decode(self, tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, KVCache]:
         x = self._run(tokens[:, None], state)
-        return self.output_layer(x[:, -1]), state
+        return self.next_token_logits(x[:, -1]), state
 
     def flops_per_token(self, context: int | None = None) -> int:
         """6 N (dense matmuls, forward + backward) + 12 L d T (attention scores and values), as in PaLM."""
