@@ -54,10 +54,6 @@ GENERATION_CACHE_SPEEDUP = 5.0
 GENERATION_TARGET_PRESET = "small"
 KGRAM_VEC_STEPS = 5  # vectorised steps per loop step in the k-gram comparison (one is ~1/50 of the other)
 
-# picollm's CPU thread setting: idle OpenMP threads sleep instead of spinning. With other processes on
-# the cores, spinning threads steal the time the working ones need (measured: docs/performance.md).
-# OpenMP reads it once, when torch loads, so it is set in each worker's environment.
-PICOLLM_THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,36 +171,16 @@ def amp_dtype(name: str):
 
 
 def native_bf16(device: str = "cpu") -> bool:
-    """Whether bf16 matmuls run natively here: AVX512-BF16 or AMX on a CPU (elsewhere oneDNN emulates
-    bf16, slower than fp32), bf16 support on a CUDA GPU."""
-    import torch
+    from picollm.device import native_bf16 as _native_bf16
 
-    if str(device).startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(check()) for check in checks if check is not None)
+    return _native_bf16(device)
 
 
 def resolve_dtype(name: str, device: str = "cpu") -> str:
-    """The trainer's dtype setting as an autocast dtype. An "auto" setting (if the trainer grows one) goes
-    through picollm's own `resolve_dtype(name, device)` (picollm.device or the trainer) when there is one,
-    else: bf16 where it runs natively, fp32 elsewhere."""
-    if name in ("fp32", "bf16", "fp16"):
-        return name
-    import importlib
+    """The trainer's dtype setting as the autocast dtype it runs in ('auto' resolved as the trainer does)."""
+    from picollm.device import resolve_dtype as _resolve_dtype
 
-    trainer_resolve = None
-    for module in ("picollm.device", "picollm.training.trainer"):
-        trainer_resolve = getattr(importlib.import_module(module), "resolve_dtype", None)
-        if trainer_resolve is not None:
-            break
-    if trainer_resolve is not None:
-        import torch
-
-        got = trainer_resolve(name, torch.device(device))
-        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
-        return names.get(got, got) if not isinstance(got, str) else got
-    return "bf16" if native_bf16(device) else "fp32"
+    return _resolve_dtype(name, device)
 
 
 class PicollmStep:
@@ -531,7 +507,6 @@ class Options:
     gen_prompt_tokens: int = 1
     gen_new_tokens: int = 255
     gen_reps: int = 1
-    same_threads: bool = False  # give the baseline picollm's thread settings too
     kgram_loop_batch: int = 8  # the small case: 8 x 64 = 512 tokens (the loop takes ~5 s a step here)
     kgram_loop_context: int = 64
     data: str | None = None  # the TinyStories sample by default
@@ -602,7 +577,6 @@ class Bench:
         defaults = TrainConfig()
         self.dtype = resolve_dtype(opts.dtype or defaults.dtype, opts.device)
         self.chunk_tokens = defaults.loss_chunk_tokens if opts.chunk_tokens is None else opts.chunk_tokens
-        self.user_env = {k: os.environ.get(k) for k in PICOLLM_THREAD_ENV}
         self.result: dict[str, Any] = {}
         self.targets: list[dict[str, Any]] = []
         self.started = time.perf_counter()
@@ -611,18 +585,7 @@ class Bench:
     def _spec(self, kind: str, model: dict[str, Any], batch: int, context: int, **extra: Any) -> dict[str, Any]:
         return {"kind": kind, "model": model, "batch": batch, "context": context, "dtype": self.dtype,
                 "chunk_tokens": self.chunk_tokens, "threads": self.opts.threads, "device": self.opts.device,
-                "seed": 0, "env": self.thread_env(kind), **extra}
-
-    def thread_env(self, kind: str) -> dict[str, str | None]:
-        """picollm's paths get picollm's thread setting; the plain baselines get PyTorch's defaults (unless
-        --same-threads). A value the user set in the environment is left alone."""
-        env: dict[str, str | None] = {}
-        for key, value in PICOLLM_THREAD_ENV.items():
-            if self.user_env.get(key) not in (None, value):
-                continue  # the user's own choice
-            plain = kind in ("baseline", "kgram_loop") and not self.opts.same_threads
-            env[key] = None if plain else value
-        return env
+                "seed": 0, **extra}
 
     def target(self, name: str, value: float, threshold: float, higher_is_better: bool = True,
                unit: str = "x", detail: str = "") -> None:
@@ -656,8 +619,8 @@ class Bench:
     def training(self) -> None:
         o = self.opts
         _emit(f"training: batch {o.batch_size} x context {o.context}, picollm dtype {self.dtype}, loss chunk "
-              f"{self.chunk_tokens}, threads {o.threads or 'torch default'} {self.thread_env('picollm')}; "
-              f"baseline: fp32, full logits, F.cross_entropy, torch.optim.AdamW, PyTorch's thread defaults; "
+              f"{self.chunk_tokens}, threads {o.threads or 'torch default'} (both paths); "
+              f"baseline: fp32, full logits, F.cross_entropy, torch.optim.AdamW; "
               f"{o.reps} alternating (ABBA) steps each after 1 warm-up, median")
         for vocab_name in o.vocabs:
             for preset in o.presets:

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="pico and tiny presets, batch 16 x 256, under 10 minutes on 2 cores")
     parser.add_argument("--json", metavar="PATH", help="write every figure and the targets to PATH")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default=None,
                         help="picollm's autocast dtype (default: the trainer's default, train.dtype)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="sequences per training step (default: 64; 16 with --quick)")
@@ -32,8 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--chunk-tokens", type=int, default=None,
                         help="picollm's loss chunk (default: the trainer's train.loss_chunk_tokens)")
-    parser.add_argument("--same-threads", action="store_true",
-                        help="give the baseline picollm's thread settings too (OMP_WAIT_POLICY=PASSIVE)")
     parser.add_argument("--skip", type=_csv, default=(), help=f"parts to leave out: {','.join(PARTS)}")
     parser.add_argument("--data", metavar="PATH", default=None,
                         help="text to prepare for the MB/s figure (default: the TinyStories sample beside the repo)")
@@ -58,7 +56,7 @@ def options_from_args(args: argparse.Namespace):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     fields = {"context": args.context, "threads": args.threads, "dtype": args.dtype, "device": args.device,
-              "skip": tuple(args.skip), "data": args.data, "same_threads": args.same_threads,
+              "skip": tuple(args.skip), "data": args.data,
               "chunk_tokens": args.chunk_tokens, "gpu_batch": args.gpu_batch, "gpu_compile": args.compile}
     for name in ("batch_size", "reps", "families", "presets", "vocabs"):
         value = getattr(args, name)
