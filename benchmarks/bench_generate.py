@@ -8,12 +8,16 @@ vocabulary. Each row is greedy decoding of `--new-tokens` tokens for every seque
 eot), from a prompt of `--prompt-tokens` random tokens. "recompute" is `generate_ids(...,
 use_cache=False)`: every step runs the whole window through the model again (the output layer only
 at the last position). The figure is new tokens (all rows) per second of wall time, best of
-`--repeats`, after one short warm-up run per mode.
+`--repeats`, after one short warm-up run per mode. "cache-linear" is "cache" with the plain
+`output_layer` in place of `next_token_logits` (its W @ h.T path):
+
+    python benchmarks/bench_generate.py --preset transformer-tiny --modes cache,cache-linear --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -23,7 +27,19 @@ import torch
 
 from picollm.evaluation import resolve_device
 from picollm.generation import generate_ids
+from picollm.models.base import LanguageModel
 from picollm.models.registry import build_model, preset_fields
+
+
+@contextlib.contextmanager
+def plain_projection():
+    """Generation steps through `output_layer` itself, as before `next_token_logits`."""
+    saved = LanguageModel.next_token_logits
+    LanguageModel.next_token_logits = lambda self, hidden: self.output_layer(hidden)
+    try:
+        yield
+    finally:
+        LanguageModel.next_token_logits = saved
 
 
 def measure(model, batch: int, prompt_tokens: int, new_tokens: int, use_cache: bool, repeats: int,
@@ -68,11 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     for batch in batches:
         row = {"batch": batch}
         for mode in modes:
-            row[mode] = measure(model, batch, args.prompt_tokens, args.new_tokens, mode == "cache",
-                                args.repeats, device)
+            with plain_projection() if mode == "cache-linear" else contextlib.nullcontext():
+                row[mode] = measure(model, batch, args.prompt_tokens, args.new_tokens, mode != "recompute",
+                                    args.repeats, device)
             print(f"  batch {batch} {mode}: {row[mode]:,.1f} tokens/s", file=sys.stderr, flush=True)
         if "cache" in row and "recompute" in row:
             row["ratio"] = row["cache"] / row["recompute"]
+        if "cache" in row and "cache-linear" in row:
+            row["projection_speedup"] = row["cache"] / row["cache-linear"]
         rows.append(row)
     info = {
         "preset": args.preset, "parameters": model.num_parameters(), "context": model.max_context,
@@ -91,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"{row['batch']:>5}  {row.get('cache', float('nan')):>12,.1f}  "
               f"{row.get('recompute', float('nan')):>16,.1f}  {row.get('ratio', float('nan')):>5.1f}x")
+        if "projection_speedup" in row:
+            print(f"       cache with the plain output layer: {row['cache-linear']:,.1f} tokens/s; "
+                  f"next_token_logits {row['projection_speedup']:.2f}x")
     return 0
 
 

@@ -113,19 +113,33 @@ def test_prefill_of_one_token(name):
         assert (logits - model(seq[:, :2])[:, 1]).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["lstm", "kgram-onehot", "transformer-untied-nobias", "transformer-rope-pre-rmsnorm"])
+WIDE_OUTPUT = {  # output layers 128 wide: where next_token_logits takes its W @ h.T path on the CPU
+    "lstm": {"hidden_size": 128},
+    "kgram-onehot": {"hidden_size": 128},
+    "transformer-untied-nobias": {"d_model": 128},
+    "transformer-rope-pre-rmsnorm": {"d_model": 128},
+}
+
+
+@pytest.mark.parametrize("name", WIDE_OUTPUT)
 @pytest.mark.parametrize("rows", [1, 2, 16, 17])
-def test_next_token_logits_equal_the_output_layer(name, rows):
-    """The generation-step projection (W @ h.T on CPU for up to 16 rows) gives the output layer's logits."""
-    model = make(name)
-    hidden = torch.randn(rows, model.output_layer.in_features, generator=torch.Generator().manual_seed(3))
+def test_next_token_logits_equal_the_output_layer(name, rows, monkeypatch):
+    """The generation-step projection gives the output layer's logits, by W @ h.T for up to 16 rows."""
+    model = make(name, **WIDE_OUTPUT[name])
+    assert model.output_layer.in_features == 128
+    hidden = torch.randn(rows, 128, generator=torch.Generator().manual_seed(3))
+    calls = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a: calls.append(a) or mm(*a))
     with torch.no_grad():
         logits = model.next_token_logits(hidden)
         expected = model.output_layer(hidden)
+    assert len(calls) == (1 if rows <= 16 else 0)
     assert logits.shape == (rows, V) and logits.is_contiguous()
     assert (logits - expected).abs().max() < 1e-5
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.next_token_logits(hidden).dtype == torch.bfloat16  # autocast: the plain layer
+    assert len(calls) == (1 if rows <= 16 else 0)
 
 
 @pytest.mark.parametrize("name", ["lstm-2layers", "kgram-scaled", "kgram-onehot",

@@ -69,19 +69,19 @@ class LanguageModel(nn.Module):
     def next_token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output layer for the few rows of a generation step: hidden [B, D] -> logits [B, V].
 
-        On a CPU in fp32, MKL multiplies a skinny [B, D] by the [D, V] weight slowly (a gemv at B = 1);
-        W @ hidden.T, with one row padded to two, gives the same logits 2-4x faster at V = 50257 for B up
-        to 16 (docs/performance.md). Elsewhere it is the plain layer.
+        On a CPU in fp32, MKL multiplies a skinny [B, D] by the [D, V] weight slowly once D >= 128;
+        W @ hidden.T, with one row doubled to two (a gemv is as slow), gives the same logits 2-8x faster
+        at V = 50257 for B up to 16 (docs/performance.md). Elsewhere, and for narrower layers, where it
+        was measured slower, it is the plain layer.
         """
         layer = self.output_layer
         rows = hidden.shape[0]
-        if (hidden.device.type != "cpu" or hidden.dim() != 2 or rows > 16 or hidden.dtype != layer.weight.dtype
-                or torch.is_autocast_enabled("cpu")):
+        if (hidden.device.type != "cpu" or hidden.dim() != 2 or rows > 16 or layer.in_features < 128
+                or hidden.dtype != layer.weight.dtype or torch.is_autocast_enabled("cpu")):
             return layer(hidden)
-        columns = hidden.expand(2, -1).T if rows == 1 else hidden.T
-        logits = torch.mm(layer.weight, columns) if layer.bias is None else \
-            torch.addmm(layer.bias[:, None], layer.weight, columns)
-        return logits.T[:rows].contiguous()
+        columns = (torch.cat([hidden, hidden]) if rows == 1 else hidden).T
+        logits = torch.mm(layer.weight, columns).T[:rows]
+        return (logits + layer.bias if layer.bias is not None else logits).contiguous()
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         """Token/position embeddings and the output layer: what 'non-embedding' counts leave out."""
