@@ -11,6 +11,7 @@ ends with the same weights, bit for bit, as one that was never interrupted.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import resource
@@ -341,8 +342,14 @@ class _Trainer:
             torch.set_num_threads(t.threads)
         # config.yaml and the summary record the dtype the run used, so that a resume keeps it
         self.cfg = replace(self.cfg, train=replace(t, dtype=resolve_dtype(t.dtype, device)))
+        diverged: TrainingDiverged | None = None
         try:
             return self._run(device, d)
+        except TrainingDiverged as exc:
+            # Every rank raises it at the same step. Its traceback holds the DDP wrapper and, through it,
+            # the process group: drop both and meet the other ranks, so that the group is torn down on
+            # all of them together (otherwise gloo could abort a rank at exit).
+            diverged = exc.with_traceback(None)
         except Exception as exc:
             # checkpoints raise DiskFullError; the run's own files (metrics, config) a plain OSError
             if (isinstance(exc, UserError) and not isinstance(exc, DiskFullError)) or not is_disk_full(exc):
@@ -353,7 +360,11 @@ class _Trainer:
                 f"{what} (training into {self.out}). The checkpoints already in {self.out / run_dir.CHECKPOINTS} "
                 f"are intact: free some space, then continue with `picollm train --resume {self.out}`") from None
         finally:
+            if diverged is not None:
+                gc.collect()
+                barrier(d)
             shutdown(d)
+        raise diverged
 
     def _run(self, device: torch.device, d: Dist) -> RunResult:
         from picollm.data.loader import WindowLoader
