@@ -9,6 +9,10 @@ REPO = Path(__file__).resolve().parents[1]
 # The TinyStories sample lives beside the repository (../shared), never inside it.
 SAMPLE = REPO.parent / "shared" / "data" / "tinystories-sample.txt"
 
+# One thread for the whole session, module-scoped fixtures included: tiny test tensors gain nothing from
+# two, and on a busy machine OpenMP's spinning threads make each small op many times slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def sample_path() -> Path:
@@ -18,7 +22,7 @@ def sample_path() -> Path:
 
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
-    # one thread: tiny test tensors gain nothing from two, and lose a lot when the cores are busy
+    # back to one thread for every test, whatever the previous one set
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)

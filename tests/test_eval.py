@@ -23,16 +23,6 @@ from picollm.models.base import LanguageModel, ModelConfig
 from picollm.models.registry import build_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP's spinning threads make
-    each small op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TableBigram(LanguageModel):
     """P(next | x) = table[x], as logits log(table[x]); optionally plus a per-position bias, which
     makes the result depend on where each window starts."""

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import yaml
+from helpers import exit_code
 
 from picollm.checkpoint import load, save_model
 from picollm.cli import main
@@ -16,23 +17,6 @@ from picollm.evaluation import evaluate_tokens, stream_from_file
 from picollm.models.registry import build_model
 
 MODEL = {"family": "transformer", "context_length": 16, "d_model": 16, "n_heads": 2, "n_layers": 1}
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP's spinning threads make
-    each small op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def exit_code(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return int(exc.code)
-
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, sample_path):

@@ -50,14 +50,6 @@ STORIES = [
 ] * 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def call_main(argv: list[str]) -> tuple[int, str, str]:
     """`picollm.cli.main(argv)`: exit code, stdout, stderr. argparse's SystemExit counts as its code."""
     out, err = io.StringIO(), io.StringIO()

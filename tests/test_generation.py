@@ -16,16 +16,6 @@ from picollm.models.registry import build_model
 # ---------------------------------------------------------------------------------------------
 # toy models
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP's spinning threads make
-    each small op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TableBigram(LanguageModel):
     """logits(next | x) = log table[x]: a bigram with fixed probabilities, no state."""
 

@@ -6,29 +6,12 @@ import json
 
 import pytest
 import torch
+from helpers import exit_code
 
 from picollm.checkpoint import load, save_model
 from picollm.cli import main
 from picollm.generation import generate
 from picollm.models.registry import build_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP's spinning threads make
-    each small op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def exit_code(argv: list[str]) -> int:
-    """main's return code, or the code of argparse's SystemExit (a bad flag value)."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return int(exc.code)
 
 
 @pytest.fixture(scope="module")

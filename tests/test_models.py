@@ -42,15 +42,6 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster than several on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(name: str, **extra) -> picollm.LanguageModel:
     torch.manual_seed(0)
     model = build_model({**CONFIGS[name], "vocab_size": V, "context_length": 64, "dropout": 0.1, **extra})

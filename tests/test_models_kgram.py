@@ -13,14 +13,6 @@ from picollm.models.registry import build_model
 V = 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def kgram(**fields):
     spec = {"family": "kgram", "vocab_size": V, "k": 3, "embed_dim": 4, "hidden_size": 8, "inner_layers": 2,
             **fields}

@@ -15,14 +15,6 @@ from picollm.models.transformer import apply_rope, rope_tables
 V = 97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def transformer(**fields):
     spec = {"family": "transformer", "vocab_size": V, "context_length": 32, "d_model": 32, "n_heads": 2,
             "n_layers": 3, **fields}
