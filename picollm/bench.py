@@ -54,8 +54,6 @@ GENERATION_CACHE_SPEEDUP = 5.0
 GENERATION_TARGET_PRESET = "small"
 KGRAM_VEC_STEPS = 5  # vectorised steps per loop step in the k-gram comparison (one is ~1/50 of the other)
 
-
-
 # ---------------------------------------------------------------------------------------------
 # process memory
 
@@ -162,25 +160,6 @@ def _sync(device) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # the training steps being compared
-
-
-def amp_dtype(name: str):
-    import torch
-
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def native_bf16(device: str = "cpu") -> bool:
-    from picollm.device import native_bf16 as _native_bf16
-
-    return _native_bf16(device)
-
-
-def resolve_dtype(name: str, device: str = "cpu") -> str:
-    """The trainer's dtype setting as the autocast dtype it runs in ('auto' resolved as the trainer does)."""
-    from picollm.device import resolve_dtype as _resolve_dtype
-
-    return _resolve_dtype(name, device)
 
 
 class PicollmStep:
@@ -572,6 +551,7 @@ def baseline_fits(batch: int, context: int, vocab: int) -> bool:
 class Bench:
     def __init__(self, opts: Options) -> None:
         from picollm.config import TrainConfig
+        from picollm.device import resolve_dtype
 
         self.opts = opts
         defaults = TrainConfig()
@@ -854,6 +834,7 @@ class Bench:
         import torch
 
         from picollm import __version__
+        from picollm.device import native_bf16
 
         self.result.update({
             "schema": SCHEMA, "picollm": __version__,
