@@ -435,7 +435,7 @@ class _Trainer:
         if d.is_main and progress_state["step"] == 0:
             print(f"[picollm] {out}: {model.num_parameters():,} parameters "
                   f"({model.num_parameters(non_embedding=True):,} non-embedding), {plan.total_steps} steps of "
-                  f"{plan.tokens_per_step:,} tokens, unigram entropy {entropy:.3f} nats, "
+                  f"{plan.tokens_per_step:,} tokens on {device} in {t.dtype}, unigram entropy {entropy:.3f} nats, "
                   f"{loader.dropped_tokens} tokens dropped per epoch", file=sys.stderr)
 
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
