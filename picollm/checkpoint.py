@@ -1,23 +1,19 @@
 """Model checkpoints in the Hugging Face layout: `config.json` + `model.safetensors` + tokenizer files.
 
 Nothing here unpickles: weights are safetensors, everything else JSON. Every directory is written
-atomically: into a hidden temporary sibling first, then renamed into place, so a kill at any moment
-leaves either the previous complete directory or the new complete one.
+atomically (`picollm.fileio.write_dir_atomic`), so a kill at any moment leaves either the previous
+complete directory or the new complete one; a full disk is a `DiskFullError` naming the directory.
 
 `config.json` records the size and sha256 of the weights and tokenizer files (`files`), so a file
 that was truncated, corrupted or copied in from another checkpoint is named on load instead of
-being used. A full disk while writing is a `DiskFullError` (a `UserError`) naming the directory.
+being used. `load(path)` finds the checkpoint in a run directory (`picollm.rundir`) or fetches it
+from the hub (`picollm.hub`).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,29 +21,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from picollm.data.tokenizer import BPE_FILE, load_tokenizer
+from picollm.data.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG
 from picollm.errors import UserError
+from picollm.fileio import write_dir_atomic
+from picollm.hub import download
 from picollm.models.base import LanguageModel
+from picollm.models.registry import build_model, model_config_to_dict
+from picollm.rundir import MODEL_CONFIG, model_dir
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = MODEL_CONFIG
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 FILES_KEY = "files"  # in config.json: {file name: {"bytes": size, "sha256": hex digest}}
-
-
-class DiskFullError(UserError):
-    """The filesystem ran out of space (or quota) while writing; nothing was replaced."""
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether `exc` reports a full disk: an OSError (ENOSPC, EDQUOT), or the same error as the
-    Rust-backed writers (safetensors, tokenizers) word it."""
-    if isinstance(exc, DiskFullError):
-        return True
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(exc)
-    return any(s in text for s in ("No space left on device", "os error 28", "Disk quota exceeded",
-                                   "os error 122"))
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -74,72 +60,6 @@ def verify_file(path: Path, record: Any, recorded_in: Path) -> None:
                         "or does not belong to this checkpoint; use another checkpoint")
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to `path` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if is_disk_full(exc):
-            kept = f"the existing {path.name} is unchanged" if path.exists() else "nothing was left behind"
-            raise DiskFullError(f"no space left on device in {path.parent} while writing {path.name}; {kept}") \
-                from None
-        raise
-
-
-def write_dir_atomic(directory: Path, fill: Callable[[Path], None]) -> Path:
-    """Call `fill(tmp_dir)` then move `tmp_dir` to `directory`, replacing an existing one."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise DiskFullError(f"no space left on device in {directory.parent} while writing {directory.name}; "
-                                "nothing was replaced") from None
-        raise
-    try:
-        fill(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-        if directory.exists():
-            # rename the old one away first: the swap is two renames, and no moment has neither
-            old = directory.with_name(f".{directory.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
-        fsync_dir(directory.parent)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(exc):
-            kept = f"the existing {directory.name} is unchanged" if directory.exists() else "nothing was left behind"
-            raise DiskFullError(f"no space left on device in {directory.parent} while writing {directory.name}; "
-                                f"{kept}") from None
-        raise
-    return directory
-
-
 def _unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with tied tensors stored once (safetensors refuses shared storage)."""
     seen: dict[int, str] = {}
@@ -154,8 +74,9 @@ def _unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def model_config_dict(model: LanguageModel) -> dict[str, Any]:
-    from picollm.models.registry import model_config_to_dict
-
+    if not model.family:
+        raise UserError(f"{type(model).__name__} is not a registered model family, so a checkpoint of it could "
+                        "not be loaded; register it first with picollm.register_model(name, ...)")
     return model_config_to_dict(model.family, model.config)
 
 
@@ -163,9 +84,6 @@ def write_model_files(model: LanguageModel, directory: Path, tokenizer: Any = No
                       extra: dict[str, Any] | None = None) -> None:
     """Write model.safetensors, the tokenizer and config.json (last: it records the others' sizes and
     sha256) into an existing directory."""
-    from picollm.data.tokenizer import BPE_FILE
-    from picollm.data.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG
-
     config = {
         "picollm_format": FORMAT_VERSION,
         "model": model_config_dict(model),
@@ -239,8 +157,6 @@ def load_weights_into(model: torch.nn.Module, state: dict[str, torch.Tensor], so
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LanguageModel:
     """Load a checkpoint directory written by `save_model` (weights + config + tokenizer if present)."""
-    from picollm.models.registry import build_model
-
     directory = Path(path)
     config = read_config(directory)
     config_path = directory / CONFIG_FILE
@@ -253,11 +169,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Language
     if weights.is_file():
         verify_file(weights, files.get(WEIGHTS_FILE), config_path)
     load_weights_into(model, load_state_dict(weights), weights)
-    model.tokenizer = None
     if "tokenizer" in config:
-        from picollm.data.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG
-        from picollm.data.tokenizer import load_tokenizer
-
         try:
             tokenizer = load_tokenizer(directory)
         except UserError as exc:
@@ -281,27 +193,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Language
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a checkpoint, a run directory, or a Hugging Face repo id.
-
-    In a run directory the final model wins, then the best by validation loss, then the latest
-    periodic checkpoint.
-    """
+    """A checkpoint directory from a checkpoint, a run directory (see `picollm.rundir.model_dir`), or a
+    Hugging Face repo id."""
     directory = Path(path).expanduser()
     if directory.is_dir():
-        if (directory / CONFIG_FILE).is_file():
-            return directory
-        for name in ("final", "best"):
-            if (directory / name / CONFIG_FILE).is_file():
-                return directory / name
-        periodic = sorted((directory / "checkpoints").glob("step-*")) if (directory / "checkpoints").is_dir() else []
-        periodic = [p for p in periodic if (p / CONFIG_FILE).is_file()]
-        if periodic:
-            return periodic[-1]
-        raise UserError(f"{directory} holds no checkpoint (no {CONFIG_FILE}, final/, best/ or checkpoints/)")
+        return model_dir(directory)
     text = str(path)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not directory.exists():
-        from picollm.hub import download
-
         return download(text)
     raise UserError(f"checkpoint {path} does not exist; pass a run directory, a checkpoint directory "
                     "or a Hugging Face repo id (user/name)")

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from picollm._version import __version__
 from picollm.errors import UserError
 
 # verb -> (module, one-line help)
@@ -46,8 +47,6 @@ def one_line(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from picollm import __version__
-
     parser = _Parser(prog="picollm", description="Train, evaluate and compare small language models.")
     parser.add_argument("--version", action="version", version=f"picollm {__version__}")
     verbs = parser.add_subparsers(dest="command", metavar="VERB", parser_class=_Parser)

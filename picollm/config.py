@@ -1,4 +1,4 @@
-"""Configuration: typed dataclasses, YAML files and dotted command-line overrides.
+"""Configuration: the run's sections as typed dataclasses, from YAML files and dotted overrides.
 
 A run is described by a `RunConfig` with three sections: `data` (what `prepare` builds), `model`
 (a family name plus that family's fields, validated by the family's own config dataclass) and
@@ -8,186 +8,20 @@ or an impossible value raises `UserError` naming the key and what is allowed.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
+from picollm.errors import check
+from picollm.models.registry import model_config_from_dict, preset_fields
 
-from picollm.errors import UserError
+# re-exported: the generic helpers the sections are built on, so that the config API is one import
+from picollm.schema import apply_overrides, coerce, from_dict, load_yaml, parse_value, to_dict
 
-T = TypeVar("T")
+__all__ = ["SECTIONS", "DataConfig", "TrainConfig", "RunConfig", "load_run_config", "apply_overrides", "check",
+           "coerce", "from_dict", "load_yaml", "parse_value", "to_dict"]
 
-
-# ---------------------------------------------------------------------------------------------
-# generic dataclass <-> dict with validation
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp` (int->float widening allowed); return it."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return coerce(value, arg, key)
-            except UserError:
-                continue
-        raise UserError(f"config key '{key}': {value!r} is not {_type_name(tp)}")
-    if origin is typing.Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise UserError(f"config key '{key}': {value!r} is not {_type_name(tp)}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise UserError(f"config key '{key}': expected null, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"config key '{key}': expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            return int(value)  # 1e6 in YAML is a float
-        raise UserError(f"config key '{key}': expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise UserError(f"config key '{key}': expected a finite number, got {value!r}")
-            return float(value)
-        raise UserError(f"config key '{key}': expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise UserError(f"config key '{key}': expected a string, got {value!r}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key '{key}': expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise UserError(f"config key '{key}': expected {len(args)} values, got {len(value)}")
-            return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        items = [coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"config key '{key}': expected a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, prefix=key)
-    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in a config class
-
-
-def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
-    where = f"'{prefix}'" if prefix else "the config"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError(f"config section {where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be numbers too
-    if unknown:
-        dotted = ", ".join(f"{prefix + '.' if prefix else ''}{k}" for k in unknown)
-        raise UserError(f"unknown config key {dotted}; allowed in {where}: {', '.join(sorted(fields))}")
-    kwargs = {
-        name: coerce(value, hints[name], f"{prefix + '.' if prefix else ''}{name}")
-        for name, value in data.items()
-    }
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
-        validate()
-    return obj
-
-
-def to_dict(obj: Any) -> Any:
-    """A dataclass as plain YAML/JSON-able data (tuples become lists)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value read as YAML: `3e-4` -> 0.0003, `true` -> True, `[1, 2]` -> list."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    # YAML 1.1 reads "3e-4" as a string; accept it as a number.
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
-    """Apply `{"train.lr": 1e-3}`-style dotted keys onto a nested dict (copied)."""
-    import copy
-
-    result = copy.deepcopy(data)
-    for dotted, value in overrides.items():
-        parts = dotted.split(".")
-        node = result
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"override '{dotted}': '{part}' is not a section")
-            node = child
-        node[parts[-1]] = value
-    return result
-
-
-def check(condition: bool, key: str, message: str) -> None:
-    """Raise a UserError naming `key` unless `condition` holds."""
-    if not condition:
-        raise UserError(f"config key '{key}': {message}")
-
-
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist; pass an existing YAML file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    except RecursionError:
-        raise UserError(f"config file {path} is nested too deeply to be a picollm config") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    return data
+SECTIONS = ("data", "model", "train")  # a RunConfig's sections: what every dotted config key starts with
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,8 +140,6 @@ class RunConfig:
     out: str = "runs/run"
 
     def validate(self) -> None:
-        from picollm.models.registry import model_config_from_dict
-
         model_config_from_dict(self.model)  # raises UserError on a bad family or field
 
 
@@ -319,8 +151,6 @@ def load_run_config(path: str | Path | None = None, overrides: dict[str, Any] | 
     """
     data: dict = {}
     if preset is not None:
-        from picollm.models.registry import preset_fields
-
         data["model"] = preset_fields(preset)
     if path is not None:
         file_data = load_yaml(path)

@@ -30,10 +30,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from picollm import rundir
+from picollm.checkpoint import load
+from picollm.config import load_run_config
+from picollm.data.packing import tokenize_chunk
+from picollm.data.prepare import prepare
+from picollm.data.prepared import SPLITS, token_dtype
+from picollm.data.sources import iter_stories
 from picollm.device import DTYPE_CHOICES, autocast, model_device, resolve_device, resolve_dtype
+from picollm.diversity import diversity_report
 from picollm.errors import UserError
-
-SPLITS = ("train", "val", "test")
+from picollm.generation import encode_prompts, generate_ids
+from picollm.loss import model_loss
 
 
 @dataclass
@@ -63,19 +71,11 @@ def _ppl(nll: float) -> float:
 
 
 def _nll_sum(model: Any, inputs: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> float:
-    """Summed NLL of `targets`, the output layer applied a chunk of rows at a time (as `model_loss`).
+    """Summed NLL of `targets`, the output layer applied a chunk of rows at a time (`model_loss`).
 
-    The output layer's weights are passed detached: `linear_cross_entropy` computes its gradients in
-    the forward pass whenever an input requires grad, even under `torch.no_grad()`.
-    """
-    from picollm.loss import linear_cross_entropy
-
-    hidden = model.features(inputs)
-    layer = model.output_layer
-    bias = None if layer.bias is None else layer.bias.detach()
-    loss = linear_cross_entropy(hidden, layer.weight.detach(), targets, bias, chunk_tokens=chunk_tokens,
-                                reduction="sum")
-    return float(loss)
+    It runs under `torch.no_grad()`, where `linear_cross_entropy` computes the loss only (no gradients
+    in its forward pass, which it computes only when autograd is on and an input requires grad)."""
+    return float(model_loss(model, inputs, targets, chunk_tokens, reduction="sum"))
 
 
 def evaluate_tokens(model: Any, tokens: np.ndarray, context_length: int, batch_size: int = 32,
@@ -152,29 +152,12 @@ def evaluate_tokens(model: Any, tokens: np.ndarray, context_length: int, batch_s
 
 
 # ---------------------------------------------------------------------------------------------
-# splits, files and run directories
-
-
-def find_run_dir(path: str | Path) -> Path | None:
-    """The run directory that `path` is or holds a checkpoint of (it contains config.yaml), or None."""
-    here = Path(path).expanduser()
-    candidates = [here]
-    if here.name in ("final", "best"):
-        candidates.append(here.parent)
-    if here.parent.name == "checkpoints":
-        candidates.append(here.parent.parent)
-    for candidate in candidates:
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    return None
+# run data and text files
 
 
 def prepared_for_run(run_dir: str | Path, progress: bool = False) -> Any:
     """The prepared data of a run (cached by `prepare`), from its config.yaml's data section."""
-    from picollm.config import load_run_config
-    from picollm.data.prepare import prepare
-
-    config = load_run_config(Path(run_dir) / "config.yaml")
+    config = load_run_config(Path(run_dir) / rundir.CONFIG)
     return prepare(config.data, progress=progress)
 
 
@@ -186,9 +169,6 @@ def stream_from_file(path: str | Path, tokenizer: Any, text_field: str = "text",
     concatenated, bytes = UTF-8 bytes of the (stripped) stories + 1 per story, offsets = the index
     of each story's eot. The whole file is tokenized in memory: meant for evaluation-sized files.
     """
-    from picollm.data.prepare import token_dtype, tokenize_chunk
-    from picollm.data.sources import iter_stories
-
     if tokenizer is None:
         raise UserError("the model has no tokenizer to encode the evaluation text with")
     dtype = token_dtype(tokenizer.vocab_size)
@@ -219,8 +199,6 @@ def stream_from_file(path: str | Path, tokenizer: Any, text_field: str = "text",
 
 def _load_if_path(model: Any, device: Any) -> Any:
     if isinstance(model, (str, Path)):
-        from picollm.checkpoint import load
-
         return load(model, device=resolve_device(device) or "cpu")
     return model
 
@@ -265,7 +243,7 @@ def evaluate(model: Any, split: str = "test", data: str | Path | None = None, pr
         raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if prepared is None:
         where = source_path or getattr(model, "checkpoint_path", None)
-        run_dir = find_run_dir(where) if where is not None else None
+        run_dir = rundir.find_run_dir(where) if where is not None else None
         if run_dir is None:
             raise UserError("no data to evaluate on: pass data=PATH (a text file) or prepared=..., or a "
                             "model from a run directory (its config.yaml names the data)")
@@ -343,9 +321,6 @@ def diversity_eval(model: Any, prompts: list[str] | list[list[int]], strategies:
     "continuations" with `return_texts`. Prompts run `batch_size` at a time; each batch's seed is
     `seed` + its index, so results do not depend on anything but the arguments.
     """
-    from picollm.diversity import diversity_report
-    from picollm.generation import encode_prompts, generate_ids
-
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tok is None:
         raise UserError("diversity evaluation needs the model's tokenizer to decode its continuations")

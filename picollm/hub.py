@@ -1,6 +1,7 @@
 """The Hugging Face hub: upload a run's final checkpoint with a model card; download one to load.
 
 Only `config.json`, `model.safetensors` and tokenizer JSON files are fetched: nothing that runs code.
+`huggingface_hub` is imported where it is used: it takes longer to import than the rest of the CLI.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from picollm import rundir
 from picollm.errors import UserError
 
 ALLOWED_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"]
@@ -18,15 +22,13 @@ ALLOWED_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenize
 
 def model_card(checkpoint: Path, run: Path | None) -> str:
     """A README.md for the hub: family, parameters, data, recipe, final metrics."""
-    import yaml
-
-    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((checkpoint / rundir.MODEL_CONFIG).read_text(encoding="utf-8"))
     summary: dict[str, Any] = {}
     recipe: dict[str, Any] = {}
-    if run is not None and (run / "summary.json").is_file():
-        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-    if run is not None and (run / "config.yaml").is_file():
-        recipe = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    if run is not None and (run / rundir.SUMMARY).is_file():
+        summary = json.loads((run / rundir.SUMMARY).read_text(encoding="utf-8"))
+    if run is not None and (run / rundir.CONFIG).is_file():
+        recipe = yaml.safe_load((run / rundir.CONFIG).read_text(encoding="utf-8"))
     model = config["model"]
     lines = [
         "---", "library_name: picollm", "tags: [picollm, tinystories, " + model["family"] + "]",
@@ -63,11 +65,11 @@ def push(path: str | Path, repo_id: str, private: bool = False) -> str:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from picollm.checkpoint import resolve_checkpoint
-
-    source = Path(path)
-    checkpoint = resolve_checkpoint(source)
-    run = source if (source / "config.yaml").is_file() else None
+    source = Path(path).expanduser()
+    if not source.is_dir():
+        raise UserError(f"{path} is not a directory; pass a run directory or a checkpoint directory")
+    checkpoint = rundir.model_dir(source)
+    run = source if (source / rundir.CONFIG).is_file() else None
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp)
         for name in ALLOWED_FILES:

@@ -400,7 +400,7 @@ def test_prepare_rebuilds_a_damaged_cache_and_says_so(tmp_path, sample_path, cap
 
 
 def test_nan_and_inf_loss_or_gradient_are_skipped_and_counted(tmp_path, data_section, monkeypatch):
-    from picollm.training import trainer as trainer_module
+    from picollm.training import step as step_module
 
     class NanGradient(torch.autograd.Function):
         @staticmethod
@@ -412,7 +412,7 @@ def test_nan_and_inf_loss_or_gradient_are_skipped_and_counted(tmp_path, data_sec
             return grad * float("nan")
 
     calls = {"n": 0}
-    real = trainer_module.model_loss
+    real = step_module.model_loss
 
     def faulty(model, x, y, chunk_tokens, reduction):
         loss = real(model, x, y, chunk_tokens, reduction)
@@ -427,7 +427,7 @@ def test_nan_and_inf_loss_or_gradient_are_skipped_and_counted(tmp_path, data_sec
             return loss * float("-inf")
         return loss
 
-    monkeypatch.setattr(trainer_module, "model_loss", faulty)
+    monkeypatch.setattr(step_module, "model_loss", faulty)
     result = train(run_config(data_section, tmp_path / "run", eval_interval=0, max_bad_steps=3, max_steps=8),
                    progress=False)
     assert result.summary["status"] == "finished"
@@ -439,9 +439,9 @@ def test_nan_and_inf_loss_or_gradient_are_skipped_and_counted(tmp_path, data_sec
 
 def test_divergence_stops_with_a_message_naming_the_last_good_checkpoint(tmp_path, data_section, monkeypatch,
                                                                          capsys):
-    from picollm.training import trainer as trainer_module
+    from picollm.training import step as step_module
 
-    real = trainer_module.model_loss
+    real = step_module.model_loss
     calls = {"n": 0}
 
     def poisoned(model, x, y, chunk_tokens, reduction):
@@ -449,7 +449,7 @@ def test_divergence_stops_with_a_message_naming_the_last_good_checkpoint(tmp_pat
         calls["n"] += model.training
         return loss * float("nan") if model.training and calls["n"] >= 6 else loss
 
-    monkeypatch.setattr(trainer_module, "model_loss", poisoned)
+    monkeypatch.setattr(step_module, "model_loss", poisoned)
     out = tmp_path / "run"
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(run_config(data_section, out, eval_interval=0, ckpt_interval=4,
@@ -476,12 +476,14 @@ NAN_RUNNER = r"""
 import json, os, sys
 import torch
 from safetensors.torch import save_file
+from picollm.training import setup as setup_module
+from picollm.training import step as step_module
 from picollm.training import trainer as trainer_module
 
 rank = int(os.environ["RANK"])
 calls = {"n": 0}
 stepped = []
-real = trainer_module.model_loss
+real = step_module.model_loss
 
 def poisoned(model, x, y, chunk_tokens, reduction):
     loss = real(model, x, y, chunk_tokens, reduction)
@@ -494,12 +496,12 @@ def poisoned(model, x, y, chunk_tokens, reduction):
         return loss * float("nan")  # NaN loss and gradients
     return loss
 
-trainer_module.model_loss = poisoned
+step_module.model_loss = poisoned
 from torch.optim.optimizer import register_optimizer_step_post_hook
 register_optimizer_step_post_hook(lambda opt, args, kwargs: stepped.append(calls["n"]))
 models = []
-real_build = trainer_module.build_model
-trainer_module.build_model = lambda spec: models.append(real_build(spec)) or models[-1]
+real_build = setup_module.build_model
+setup_module.build_model = lambda spec: models.append(real_build(spec)) or models[-1]
 config = json.loads(sys.argv[1])
 report = {"rank": rank}
 try:

@@ -155,3 +155,35 @@ def test_grid_replacement_and_with_base(tmp_path, monkeypatch):
                       "kgram-small-onehot", "kgram-base-onehot", "transformer-pico", "transformer-tiny",
                       "transformer-small", "transformer-base"]
     assert next(r for r in plan.runs.values() if r.label == "transformer-base").config["model"]["d_model"] == 768
+
+
+WHERE = """
+default_budget: b
+budgets:
+  b:
+    rules: [{where: {dropout: 0, tie: "true"}, set: {train.max_steps: 2}}]
+groups:
+  g:
+    runs: [{preset: lstm-pico, grid: {model.dropout: [0.0, 0.1]}, tags: {tie: true}}]
+  best:
+    select: {groups: [g], where: {dropout: 0, tie: "true"}}
+"""
+
+
+def test_one_where_matcher_for_budget_rules_select_and_findings(tmp_path):
+    """`where:` reads the same in a budget rule, a select group and the findings: 0 matches a tag 0.0
+    and "true" a tag true (select once compared str(0.0) with str(0) and selected nothing)."""
+    from picollm.study.findings import Checker
+    from picollm.study.results import Entry, GroupResult, Stat, StudyResults, select_entries
+
+    spec = _spec(WHERE)
+    runs = expand(spec, "b")[0].runs
+    assert [r.tags["dropout"] for r in runs] == [0.0, 0.1]
+    assert [r.config_dict()["train"].get("max_steps") for r in runs] == [2, None]  # the rule: 0.0 only
+    entries = [Entry(r.label, r.tags, [], {"val_nll": Stat([1.0 + r.tags["dropout"]])}) for r in runs]
+    group = GroupResult("g", "g", "", [], entries)
+    chosen = select_entries([group], {"groups": ["g"], "where": {"dropout": 0, "tie": "true"}, "per": "family"})
+    assert [e.label for e in chosen] == [runs[0].label]
+    checker = Checker(StudyResults(tmp_path, {}, [group]))
+    assert [e.label for e in checker.entries("g", dropout=0, tie="true")] == [runs[0].label]
+    assert checker.entries("g", dropout=0, missing="x") == []  # a tag the runs do not have matches nothing

@@ -247,10 +247,11 @@ def test_registered_family_trains_through_the_normal_trainer(tmp_path, data_sect
 
 RUN_SCRIPT = """
 import json, sys
+from picollm.training import faults
 from picollm.training.trainer import train
 config = json.loads(sys.argv[1])
-faults = json.loads(sys.argv[2])
-train(config, progress=False, faults=faults)
+faults.ARMED.update(json.loads(sys.argv[2]))
+train(config, progress=False)
 """
 
 
@@ -329,17 +330,18 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path, data_section
 
 
 def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, data_section, monkeypatch):
+    from picollm.training import step as step_module
     from picollm.training import trainer as trainer_module
 
     calls = {"n": 0}
-    real = trainer_module.model_loss
+    real = step_module.model_loss
 
     def poisoned(model, x, y, chunk_tokens, reduction):
         calls["n"] += 1
         loss = real(model, x, y, chunk_tokens, reduction)
         return loss * float("nan") if calls["n"] in (3, 4) or calls["n"] >= 7 else loss
 
-    monkeypatch.setattr(trainer_module, "model_loss", poisoned)
+    monkeypatch.setattr(step_module, "model_loss", poisoned)
     out = tmp_path / "run"
     config = run_config(data_section, out, max_bad_steps=3, eval_interval=0, ckpt_interval=2)
     with pytest.raises(trainer_module.TrainingDiverged, match="3 steps in a row"):

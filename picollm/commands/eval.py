@@ -69,13 +69,13 @@ def run(args: argparse.Namespace) -> int:
     from picollm.evaluation import (
         diversity_eval,
         evaluate_tokens,
-        find_run_dir,
         parse_strategies,
         prepared_for_run,
         story_prompts,
         stream_from_file,
     )
     from picollm.generation import check_generation_args
+    from picollm.rundir import find_run_dir
 
     _check(args)
     strategies = parse_strategies(args.strategies) if args.diversity else {}

@@ -6,9 +6,8 @@ import argparse
 import json
 import sys
 
+from picollm.config import SECTIONS
 from picollm.errors import UserError
-
-SECTIONS = ("data", "model", "train")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

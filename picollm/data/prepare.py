@@ -1,17 +1,8 @@
 """`prepare`: sample, split and tokenize a source into memory-mapped token files, cached.
 
-Layout of a prepared directory (`<cache_dir>/prepared/<name>-<key>/`):
-
-- `{train,val,test}.bin`: the split's token stream, raw little-endian uint16 (vocab <= 65,536) or
-  uint32. Each story contributes `[eot] + encode(story)`, stories in source order.
-- `{train,val,test}.offsets.npy`: int64 index of each story's first token (its leading eot).
-- `manifest.json`: per split, the story indices (position among the source's non-empty stories) and
-  a sha256 of the story texts.
-- `meta.json`: source, sample, seed, tokenizer, counts, bytes, bytes per token, throughput.
-- the tokenizer files (`tokenizer_config.json`, plus `tokenizer.json` for bpe:N).
-
-The directory is built in a hidden temporary sibling and renamed into place, and every file size
-is checked against `meta.json` when it is opened, so a build killed midway is never used.
+The directory it builds (its layout: `picollm.data.prepared`) is written in a hidden temporary
+sibling and renamed into place (`picollm.fileio.write_dir_atomic`), so a build killed midway is
+never used.
 
 Stories are read three times, streaming: once to count them (and their byte lengths), which fixes the
 sample and the split; for bpe:N once more for the tokenizer's training text; and once to tokenize,
@@ -23,132 +14,38 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import multiprocessing as mp
-import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from array import array
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from picollm._version import __version__
 from picollm.config import DataConfig, to_dict
 from picollm.data.loader import seeded_permutation
+from picollm.data.packing import num_workers, tokenize_chunk, worker_pool, worker_tokenize
+from picollm.data.prepared import FORMAT_VERSION, MANIFEST_FILE, META_FILE, SPLITS, PreparedData, token_dtype
 from picollm.data.sources import iter_stories, source_identity
-from picollm.data.tokenizer import Tokenizer, get_tokenizer, load_tokenizer, parse_spec, train_bpe
+from picollm.data.tokenizer import Tokenizer, get_tokenizer, parse_spec, train_bpe
 from picollm.errors import UserError
+from picollm.fileio import DiskFullError, write_dir_atomic
 
-FORMAT_VERSION = 1
-SPLITS = ("train", "val", "test")
-META_FILE = "meta.json"
-MANIFEST_FILE = "manifest.json"
-CHUNK_BYTES = 1 << 20  # story text per tokenization task
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock; the atomic rename still keeps the cache sound
+    fcntl = None
+
 BYTES_COUNTED = ("UTF-8 bytes of each story's text (surrounding whitespace stripped) plus 1 per story "
                  "for the separator; the same for every tokenizer")
+CHUNK_BYTES = 1 << 20  # story text per tokenization task
 CONTENT_HASH = ("sha256 over the split's stories in order, each as its UTF-8 byte length "
                 "(8 bytes, little-endian) followed by its UTF-8 bytes")
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-@dataclass
-class PreparedData:
-    """A prepared dataset: token streams, story offsets and counts per split ("train", "val", "test")."""
-
-    directory: Path
-    meta: dict
-    tokenizer: Tokenizer
-    cached: bool = False  # True when `prepare` found it ready instead of building it
-    _offsets: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def open(cls, directory: str | Path) -> PreparedData:
-        """Open and verify a prepared directory; UserError naming the damaged file otherwise."""
-        directory = Path(directory).expanduser()
-        meta_path = directory / META_FILE
-        if not meta_path.is_file():
-            raise UserError(f"{meta_path} is missing; {directory} is not prepared data (or is incomplete)")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            splits = meta["splits"]
-            dtype = np.dtype(meta["dtype"])
-            version = meta["picollm_data_format"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{meta_path} is damaged ({exc}); prepare the data again") from None
-        if version != FORMAT_VERSION:
-            raise UserError(f"{directory} holds prepared-data format {version}, this picollm reads "
-                            f"{FORMAT_VERSION}; prepare the data again")
-        if not (directory / MANIFEST_FILE).is_file():
-            raise UserError(f"{directory / MANIFEST_FILE} is missing; prepare the data again")
-        data = cls(directory, meta, load_tokenizer(directory))
-        if data.tokenizer.name != meta.get("tokenizer") or data.tokenizer.eot_id != meta.get("eot_id"):
-            raise UserError(f"{directory}: the tokenizer files do not match {META_FILE}; "
-                            "prepare the data again")
-        for split in SPLITS:
-            if split not in splits:
-                raise UserError(f"{meta_path} has no '{split}' split; prepare the data again")
-            path = directory / f"{split}.bin"
-            expected = splits[split]["tokens"] * dtype.itemsize
-            size = path.stat().st_size if path.is_file() else None
-            if size != expected:
-                raise UserError(f"{path} holds {size} bytes, {META_FILE} expects {expected}; "
-                                "the file is truncated or damaged: prepare the data again")
-            offsets = data.story_offsets(split)
-            n = splits[split]["stories"]
-            if len(offsets) != n or (n and (offsets[0] != 0 or offsets[-1] >= splits[split]["tokens"]
-                                             or data.tokens(split)[offsets[-1]] != data.tokenizer.eot_id)):
-                raise UserError(f"{directory / (split + '.offsets.npy')} does not match {split}.bin; "
-                                "prepare the data again")
-        return data
-
-    def tokens(self, split: str) -> np.ndarray:
-        """The split's token stream, a read-only 1-D memmap."""
-        n = self._split(split)["tokens"]
-        dtype = np.dtype(self.meta["dtype"])
-        if n == 0:
-            return np.zeros(0, dtype=dtype)
-        return np.memmap(self.directory / f"{split}.bin", dtype=dtype, mode="r", shape=(n,))
-
-    def story_offsets(self, split: str) -> np.ndarray:
-        """int64 index in `tokens(split)` of each story's first token (its leading eot)."""
-        self._split(split)
-        if split not in self._offsets:
-            path = self.directory / f"{split}.offsets.npy"
-            try:
-                offsets = np.load(path)
-            except (OSError, ValueError, EOFError) as exc:
-                raise UserError(f"{path} is missing or damaged ({exc}); prepare the data again") from None
-            self._offsets[split] = offsets.astype(np.int64, copy=False).reshape(-1)
-        return self._offsets[split]
-
-    def num_bytes(self, split: str) -> int:
-        """UTF-8 bytes of the split's stories + 1 per story (see docs/data.md)."""
-        return int(self._split(split)["bytes"])
-
-    def num_tokens(self, split: str) -> int:
-        """Tokens in the split's stream (story tokens + one eot per story)."""
-        return int(self._split(split)["tokens"])
-
-    def num_stories(self, split: str) -> int:
-        return int(self._split(split)["stories"])
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
-
-    def _split(self, split: str) -> dict[str, Any]:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-        return self.meta["splits"][split]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,9 +88,7 @@ def _slug(cfg: DataConfig) -> str:
 @contextlib.contextmanager
 def _locked(path: Path, report: _Progress) -> Iterator[None]:
     """An exclusive lock on `path` (so ranks preparing the same data build it once)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock; the atomic rename still keeps the cache sound
+    if fcntl is None:
         yield
         return
     with open(path, "a+b") as handle:
@@ -227,24 +122,15 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PreparedData:
                 print(f"prepare: cached data is unusable ({exc}); rebuilding it", file=sys.stderr, flush=True)
         for stale in root.glob(f".{final.name}.*.tmp"):  # left by a killed build (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
-        try:
+
+        def build(tmp: Path) -> None:
             tmp.chmod(0o755)  # mkdtemp's 0700 would keep a shared cache from other users
             _build(cfg, tmp, report)
-            for f in tmp.iterdir():
-                with open(f, "rb") as handle:
-                    os.fsync(handle.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            from picollm.checkpoint import is_disk_full
 
-            if is_disk_full(exc):
-                raise UserError(f"no space left on device in {root} while preparing {final.name}; free some "
-                                "space or pass another --cache-dir") from None
-            raise
+        try:
+            write_dir_atomic(final, build)
+        except DiskFullError as exc:
+            raise DiskFullError(f"{exc}; free some space or pass another --cache-dir") from None
     return PreparedData.open(final)
 
 
@@ -344,64 +230,6 @@ def _train_tokenizer(cfg: DataConfig, assign: np.ndarray, lengths: np.ndarray, s
     return tokenizer, info
 
 
-# worker side: the tokenizer is set once per process
-_WORKER_TOKENIZER: Tokenizer | None = None
-
-
-def _init_worker(tokenizer: Tokenizer) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = tokenizer
-
-
-def tokenize_chunk(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(stream, lengths): `[eot] + encode(t)` for each text, concatenated; each story's stream length."""
-    encoded = tokenizer.encode_batch(texts)
-    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
-    total = int(lengths.sum())
-    stream = np.empty(total, dtype=dtype)
-    starts = np.cumsum(lengths) - lengths
-    body = np.ones(total, dtype=bool)
-    body[starts] = False
-    stream[starts] = tokenizer.eot_id
-    flat = np.fromiter((i for ids in encoded for i in ids), dtype=np.int64, count=total - len(encoded))
-    if len(flat) and (flat.max() >= tokenizer.vocab_size or flat.min() < 0
-                      or (flat == tokenizer.eot_id).any()):
-        raise RuntimeError(f"{tokenizer.name} produced an id outside its vocabulary or an eot from text")
-    stream[body] = flat
-    return stream, lengths
-
-
-def _worker_tokenize(groups: dict[int, list[str]], dtype: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    assert _WORKER_TOKENIZER is not None
-    return {s: tokenize_chunk(_WORKER_TOKENIZER, texts, np.dtype(dtype)) for s, texts in groups.items()}
-
-
-def _pool(workers: int, tokenizer: Tokenizer) -> Any:
-    # fork shares the loaded tokenizer and skips re-importing picollm (and torch) in each worker.
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    ctx = mp.get_context(method)
-    had = "TOKENIZERS_PARALLELISM" in os.environ
-    # HF tokenizers warns at fork when the parent used its thread pool (bpe training); workers are
-    # single-threaded by design, so say so before forking.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        return ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
-    finally:
-        if not had:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-
-
-def _num_workers(cfg: DataConfig, total_bytes: int) -> int:
-    if cfg.num_proc is not None:
-        wanted = cfg.num_proc
-    else:
-        try:
-            wanted = len(os.sched_getaffinity(0))
-        except AttributeError:
-            wanted = os.cpu_count() or 1
-    return max(1, min(wanted, -(-total_bytes // CHUNK_BYTES)))
-
-
 def _build(cfg: DataConfig, out: Path, report: _Progress) -> dict[str, Any]:
     key, inputs = cache_key(cfg)
     source = cfg.data
@@ -425,7 +253,7 @@ def _build(cfg: DataConfig, out: Path, report: _Progress) -> dict[str, Any]:
         tokenizer = get_tokenizer(cfg.tokenizer)
     dtype = token_dtype(tokenizer.vocab_size)
     selected_bytes = int(lengths[assign >= 0].sum())
-    workers = _num_workers(cfg, selected_bytes)
+    workers = num_workers(cfg.num_proc, -(-selected_bytes // CHUNK_BYTES))
 
     files = [open(out / f"{split}.bin", "wb") for split in SPLITS]
     story_lengths: list[list[np.ndarray]] = [[] for _ in SPLITS]
@@ -443,7 +271,7 @@ def _build(cfg: DataConfig, out: Path, report: _Progress) -> dict[str, Any]:
     report.line(f"tokenizing {int((assign >= 0).sum()):,} stories ({selected_bytes / 1e6:.1f} MB) with "
                 f"{tokenizer.name}, {workers} worker{'s' if workers > 1 else ''}")
     start = time.perf_counter()
-    pool = _pool(workers, tokenizer) if workers > 1 else None
+    pool = worker_pool(workers, tokenizer) if workers > 1 else None
     pending: deque[Any] = deque()
     try:
         stream = _stories(cfg)
@@ -458,7 +286,7 @@ def _build(cfg: DataConfig, out: Path, report: _Progress) -> dict[str, Any]:
             if pool is None:
                 write({s: tokenize_chunk(tokenizer, texts, dtype) for s, texts in groups.items()})
             else:
-                pending.append(pool.apply_async(_worker_tokenize, (groups, dtype.str)))
+                pending.append(pool.apply_async(worker_tokenize, (groups, dtype.str)))
                 while len(pending) > 2 * workers:
                     write(pending.popleft().get())
             groups, group_bytes = {}, 0
@@ -516,8 +344,6 @@ def _build(cfg: DataConfig, out: Path, report: _Progress) -> dict[str, Any]:
     total_tokens = sum(ntokens)
     total = _split_counts(sum(v["stories"] for v in splits.values()), total_tokens, sum(nbytes), None)
     tokenizer.save(out)
-    from picollm import __version__
-
     meta: dict[str, Any] = {
         "picollm_data_format": FORMAT_VERSION,
         "picollm_version": __version__,

@@ -20,16 +20,14 @@ Local formats, detected by extension unless `format` says otherwise:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
-import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from picollm.data.hf import load_hf_dataset, one_line
 from picollm.errors import UserError
 
 FORMATS = ("tinystories", "text", "jsonl", "json", "parquet")
@@ -41,7 +39,6 @@ _TINYSTORIES_SEP = re.compile(r"^<\|endoftext\|>[ \t\r]*(?:\n|\Z)", re.MULTILINE
 _TINYSTORIES_SEP_BYTES = re.compile(rb"^<\|endoftext\|>[ \t\r]*$", re.MULTILINE)
 _BLANK_LINES = re.compile(r"(?:^[ \t\r\f\v]*\n)+", re.MULTILINE)
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_NO_NETWORK_FIX = "pass a local file or folder with --data PATH (e.g. TinyStories-train.txt)"
 
 
 class StoryStream(Iterator[str]):
@@ -211,12 +208,12 @@ class StoryStream(Iterator[str]):
                             f"got {type(doc).__name__}")
 
     def _parquet(self, path: Path) -> Iterator[str | None]:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # a dependency of datasets, needed for parquet files only
 
         try:
             pf = pq.ParquetFile(path)
         except Exception as exc:
-            raise UserError(f"{path} is not a readable parquet file ({_one_line(exc)})") from None
+            raise UserError(f"{path} is not a readable parquet file ({one_line(exc)})") from None
         names = pf.schema_arrow.names
         if self.text_field not in names:
             raise UserError(f"{path} has no column '{self.text_field}' (columns: {', '.join(names)}); "
@@ -350,76 +347,6 @@ def _line_blocks(path: Path) -> Iterator[tuple[int, bytes]]:
 
 def _has_eot_lines(path: Path) -> bool:
     return any(_TINYSTORIES_SEP_BYTES.search(block) for _, block in _line_blocks(path))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return (text[:300] + "...") if len(text) > 300 else text or type(exc).__name__
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    from urllib.parse import urlparse
-
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # only the proxy can tell; let datasets try
-
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    url = urlparse(endpoint)
-    try:
-        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _env_offline() -> bool:
-    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-@functools.lru_cache(maxsize=4)  # `prepare` reads a source two or three times
-def load_hf_dataset(name: str, split: str) -> Any:
-    """A `datasets.Dataset`: a folder saved with `save_to_disk`, or `load_dataset(name, split=split)`.
-
-    Without network (and the dataset not in the local Hugging Face cache) this fails at once with one
-    clear UserError, instead of datasets' retries.
-    """
-    import datasets
-    import huggingface_hub.constants as hub_constants
-
-    if not sys.stderr.isatty():
-        datasets.disable_progress_bars()
-    local = Path(name).expanduser()
-    if local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
-        try:
-            ds = datasets.load_from_disk(str(local))
-        except Exception as exc:
-            raise UserError(f"cannot load the saved dataset {local} ({_one_line(exc)})") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise UserError(f"{local} has no split '{split}' (splits: {', '.join(ds)}); "
-                                "pass --hf-split NAME")
-            ds = ds[split]
-        return ds
-    offline = _env_offline() or (not local.exists() and not _hub_reachable())
-    saved = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE)
-    if offline:
-        # Served from the local cache when there; otherwise datasets fails at once instead of retrying.
-        datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
-    try:
-        return datasets.load_dataset(name, split=split)
-    except Exception as exc:
-        if offline:
-            raise UserError(f"cannot load hf:{name}: no network access and it is not in the local "
-                            f"Hugging Face cache ({_one_line(exc)}); {_NO_NETWORK_FIX}") from None
-        raise UserError(f"cannot load hf:{name} split '{split}' ({type(exc).__name__}: {_one_line(exc)}); "
-                        f"check the name and --hf-split, or {_NO_NETWORK_FIX}") from None
-    finally:
-        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
 def source_identity(source: str, format: str | None, hf_split: str) -> dict[str, Any]:

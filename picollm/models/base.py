@@ -13,12 +13,14 @@ output layer weight in chunks, so the full [B, T, V] logits tensor is never held
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from picollm.config import check
+from picollm.errors import check
+from picollm.generation import generate
 
 
 @dataclass
@@ -36,12 +38,16 @@ class ModelConfig:
 class LanguageModel(nn.Module):
     """Next-token predictor over a window, with incremental decoding."""
 
-    family: str = ""  # set by the registry when built through it
+    family: str = ""  # the registered name; `register_model` sets it on the class
     output_layer: nn.Linear
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        # what `picollm.load` found beside the weights: the tokenizer (encodes a text prompt for
+        # `generate`) and the checkpoint directory (which names the run's data for `evaluate`)
+        self.tokenizer: Any = None
+        self.checkpoint_path: Path | None = None
 
     # --- what a family implements --------------------------------------------------------------
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -115,6 +121,4 @@ class LanguageModel(nn.Module):
 
     def generate(self, prompt: str | list[int], **kwargs: Any) -> Any:
         """Continue a prompt; see `picollm.generation.generate` for the arguments."""
-        from picollm.generation import generate
-
         return generate(self, prompt, **kwargs)

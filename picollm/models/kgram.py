@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from picollm.config import check
+from picollm.errors import check
 from picollm.models.base import LanguageModel, ModelConfig
 from picollm.models.registry import register_model
 

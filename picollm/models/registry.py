@@ -11,11 +11,12 @@ import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any
 
-from picollm.config import from_dict
 from picollm.errors import UserError
 from picollm.models.base import LanguageModel, ModelConfig
+from picollm.schema import from_dict
 
 BUILTIN_MODULES = ("picollm.models.lstm", "picollm.models.kgram", "picollm.models.transformer")
 PRESET_NAMES = ("pico", "tiny", "small", "base")
@@ -44,6 +45,9 @@ def register_model(name: str, config_cls: type[ModelConfig], model_cls: type[Lan
         raise TypeError(f"{name}: config_cls must be a subclass of picollm.ModelConfig")
     if not (isinstance(model_cls, type) and issubclass(model_cls, LanguageModel)):
         raise TypeError(f"{name}: model_cls must be a subclass of picollm.LanguageModel")
+    if not model_cls.__dict__.get("family"):
+        # the class's own name for it: a model built directly, not through the registry, saves loadably
+        model_cls.family = name
     family = Family(name, config_cls, model_cls, dict(presets or {}), scale, description)
     _FAMILIES[name] = family
     return family
@@ -56,8 +60,6 @@ def _load_builtins() -> None:
     _loaded = True
     for module in BUILTIN_MODULES:
         importlib.import_module(module)
-    from importlib.metadata import entry_points
-
     for ep in entry_points(group="picollm.models"):
         ep.load()()
 
@@ -102,5 +104,6 @@ def build_model(spec: dict[str, Any]) -> LanguageModel:
     """Build an untrained model from `{"family": ..., **fields}` (fields default to the config's)."""
     family, config = model_config_from_dict(spec)
     model = family.model_cls(config)
-    model.family = family.name
+    if model.family != family.name:  # a class registered under a second name
+        model.family = family.name
     return model

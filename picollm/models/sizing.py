@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from picollm.config import coerce
 from picollm.errors import UserError
-from picollm.models.registry import get_family
+from picollm.models.registry import build_model, get_family
+from picollm.schema import coerce
 
 TOLERANCE = 0.02
 MAX_WIDTH = 1 << 14
@@ -77,8 +77,6 @@ class _SkipInit(TorchFunctionMode):
 
 @lru_cache(maxsize=4096)
 def _counts(frozen: tuple, config_cls: type, model_cls: type) -> tuple[int, int]:
-    from picollm.models.registry import build_model
-
     with torch.device("meta"), _SkipInit():
         model = build_model(dict(frozen))
     return model.num_parameters(), model.num_parameters(non_embedding=True)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from picollm.config import check
+from picollm.errors import check
 from picollm.models.base import LanguageModel, ModelConfig
 from picollm.models.registry import register_model
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from picollm.study.results import Entry, GroupResult, Stat, StudyResults, stat_diff
+from picollm.study.spec import tags_match
 
 AGREES, DISAGREES, NOISE, UNCHECKED = "agrees", "disagrees", "within noise", "not checked"
 SIZES = ("pico", "tiny", "small", "base")
@@ -105,7 +106,7 @@ class Checker:
         g = self.results.group(group)
         if g is None:
             return []
-        return [e for e in g.entries if all(str(e.tags.get(k)) == str(v) for k, v in where.items())]
+        return [e for e in g.entries if tags_match(e.tags, where)]
 
     def one(self, group: str, **where: Any) -> Entry | None:
         found = self.entries(group, **where)

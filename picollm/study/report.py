@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 from picollm.study import plots
 from picollm.study.findings import AGREES, DISAGREES, NOISE, Finding, check_claims, observations
-from picollm.study.results import Entry, GroupResult, Stat, StudyResults, load_results
+from picollm.study.results import Entry, GroupResult, Stat, StudyResults, finite, load_results
 
 REPORT_DIR = "report"
 
@@ -56,12 +55,8 @@ class Document:
 # number formatting
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def fmt_value(x: float | None, kind: str) -> str:
-    if x is None or not _finite(x):
+    if x is None or not finite(x):
         return "—"
     if kind == "int":
         return f"{x:,.0f}"

@@ -29,10 +29,11 @@ from typing import Any
 
 import yaml
 
+from picollm import rundir
+from picollm.data.prepared import SPLITS
 from picollm.errors import UserError
-
-SPLITS = ("train", "val", "test")
-
+from picollm.schema import flatten_keys
+from picollm.study.spec import tags_match
 
 # ---------------------------------------------------------------------------------------------
 # one run's logs
@@ -56,7 +57,7 @@ class RunLog:
         repeat one) and in order."""
         by_step: dict[int, tuple[int, float]] = {}
         for row in self.metrics:
-            if row.get("kind") == "eval" and _finite(row.get("val_loss")):
+            if row.get("kind") == "eval" and finite(row.get("val_loss")):
                 by_step[int(row.get("step", 0))] = (int(row.get("tokens", 0)), float(row["val_loss"]))
         return [by_step[s] for s in sorted(by_step)]
 
@@ -65,39 +66,23 @@ class RunLog:
         return str((self.summary or {}).get("family") or (self.config.get("model") or {}).get("family", "?"))
 
 
-def _finite(x: Any) -> bool:
+def finite(x: Any) -> bool:
+    """A real number, finite (not a bool, not None, not NaN)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
 
 
 def load_run(directory: str | Path) -> RunLog:
     """A run directory's logs; missing files are None / empty (an unfinished or missing run)."""
     directory = Path(directory)
     config: dict[str, Any] = {}
-    path = directory / "config.yaml"
+    path = directory / rundir.CONFIG
     if path.is_file():
         try:
             config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError:
             config = {}
-    metrics = []
-    path = directory / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                metrics.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return RunLog(directory, config, metrics, _read_json(directory / "summary.json"),
-                  _read_json(directory / "eval.json"))
+    return RunLog(directory, config, rundir.read_metrics(directory), rundir.read_summary(directory),
+                  rundir.read_json(directory / rundir.EVAL))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +111,7 @@ class Stat:
 
     @classmethod
     def of(cls, values: list[Any]) -> Stat:
-        return cls([float(v) for v in values if _finite(v)])
+        return cls([float(v) for v in values if finite(v)])
 
     def __bool__(self) -> bool:
         return bool(self.values)
@@ -207,7 +192,7 @@ def diversity_score(report: dict[str, Any] | None, max_n: int = 5) -> float | No
     if not report:
         return None
     values = [report.get(f"word_distinct_{n}") for n in range(1, max_n + 1)]
-    values = [v for v in values if _finite(v)]
+    values = [v for v in values if finite(v)]
     return statistics.fmean(values) if values else None
 
 
@@ -297,7 +282,7 @@ class StudyResults:
 def read_study_record(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / "study.json"
-    record = _read_json(path)
+    record = rundir.read_json(path)
     if not isinstance(record, dict) or "groups" not in record:
         raise UserError(f"{path} is missing or not a study record; pass a directory written by `picollm study` "
                         "(or use `picollm compare RUN_DIR...` for loose runs)")
@@ -334,14 +319,6 @@ def load_results(directory: str | Path, record: dict[str, Any] | None = None) ->
     return StudyResults(directory, record, groups)
 
 
-def _tag_matches(tags: dict[str, Any], where: dict[str, Any]) -> bool:
-    for key, wanted in (where or {}).items():
-        allowed = wanted if isinstance(wanted, list) else [wanted]
-        if str(tags.get(key)) not in [str(a) for a in allowed]:
-            return False
-    return True
-
-
 def select_entries(groups: list[GroupResult], select: dict[str, Any]) -> list[Entry]:
     """The best entry (lowest mean loss) per value of `select.per` among matching entries of the groups."""
     by = {"val_loss": "val_nll", "test_loss": "test_nll"}.get(select.get("by", "val_loss"), "val_nll")
@@ -353,7 +330,7 @@ def select_entries(groups: list[GroupResult], select: dict[str, Any]) -> list[En
             continue
         for e in g.entries:
             key = tuple(r.directory.resolve() for r in e.runs)
-            if key in seen_runs or not _tag_matches(e.tags, select.get("where") or {}):
+            if key in seen_runs or not tags_match(e.tags, select.get("where") or {}):
                 continue
             seen_runs.add(key)
             candidates.append(Entry(e.label, e.tags, e.runs, e.metrics, source_group=g.name))
@@ -376,17 +353,15 @@ def results_from_runs(directories: list[str | Path], diversity_strategy: str | N
                       title: str = "Comparison") -> StudyResults:
     """`picollm compare`: loose run directories as one group; runs that differ only in train.seed are
     one entry (their seeds)."""
-    from picollm.study.runner import _flat
-
     logs = []
     for d in directories:
         path = Path(d)
-        if not (path / "config.yaml").is_file() and not (path / "summary.json").is_file():
+        if not (path / rundir.CONFIG).is_file() and not (path / rundir.SUMMARY).is_file():
             raise UserError(f"{path} is not a run directory (no config.yaml or summary.json)")
         logs.append(load_run(path))
     entries: dict[str, Entry] = {}
     for log in logs:
-        flat = {k: v for k, v in _flat(log.config).items() if k not in ("out", "train.seed")}
+        flat = {k: v for k, v in flatten_keys(log.config).items() if k not in ("out", "train.seed")}
         key = json.dumps(flat, sort_keys=True, default=str)
         if key not in entries:
             tags = {"family": log.family}

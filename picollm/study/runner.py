@@ -30,6 +30,7 @@ from typing import Any
 
 from picollm.config import DataConfig, RunConfig, from_dict, to_dict
 from picollm.errors import UserError
+from picollm.schema import flatten_keys
 from picollm.study.spec import EvalSpec, PlannedRun, StudySpec, eval_settings, expand
 
 STUDY_JSON = "study.json"
@@ -77,17 +78,6 @@ class StudyPlan:
 # resolving runs
 
 
-def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict):
-            out.update(_flat(value, dotted))
-        else:
-            out[dotted] = value
-    return out
-
-
 def run_identity(config: RunConfig) -> str:
     """12 hex digits of sha256 over the resolved config (model defaults filled in), seed included."""
     from picollm.models.registry import model_config_from_dict, model_config_to_dict
@@ -95,7 +85,7 @@ def run_identity(config: RunConfig) -> str:
     data = to_dict(config)
     family, model_cfg = model_config_from_dict(data["model"])
     data["model"] = model_config_to_dict(family.name, model_cfg)
-    flat = {k: v for k, v in _flat(data).items() if k not in NOT_IDENTITY}
+    flat = {k: v for k, v in flatten_keys(data).items() if k not in NOT_IDENTITY}
     blob = json.dumps(flat, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -240,7 +230,7 @@ def _rel(path: Path, root: Path) -> str:
 def budget_changes(spec: StudySpec, budget: str) -> list[dict[str, Any]]:
     """What `budget` changes relative to the study's base recipe: one row per key (and per rule)."""
     b = spec.budgets[budget]
-    defaults = _flat(to_dict(RunConfig()))
+    defaults = flatten_keys(to_dict(RunConfig()))
     rows = []
     for key, value in b.set.items():
         before = spec.base.get(key, defaults.get(key, "(preset)" if key.startswith("model.") else None))
@@ -286,7 +276,7 @@ def study_record(plan: StudyPlan) -> dict[str, Any]:
 
 
 def write_study_json(plan: StudyPlan) -> Path:
-    from picollm.checkpoint import write_json_atomic
+    from picollm.fileio import write_json_atomic
 
     path = plan.out / STUDY_JSON
     write_json_atomic(path, study_record(plan))
@@ -317,8 +307,8 @@ def evaluate_run(directory: str | Path, settings: EvalSpec, prepared: Any = None
     """Generate from a finished run and write its eval.json: diversity and samples per strategy on
     prompts from the validation split, and the study prompt's continuations."""
     import picollm
-    from picollm.checkpoint import write_json_atomic
     from picollm.evaluation import diversity_eval, prepared_for_run, story_prompts
+    from picollm.fileio import write_json_atomic
     from picollm.generation import generate
 
     directory = Path(directory)
@@ -354,7 +344,7 @@ def evaluate_run(directory: str | Path, settings: EvalSpec, prepared: Any = None
 
 
 def run_is_finished(directory: Path) -> bool:
-    from picollm.training.run_dir import read_summary
+    from picollm.rundir import read_summary
 
     summary = read_summary(Path(directory))
     return bool(summary) and summary.get("status") == "finished"

@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from picollm.config import apply_overrides, from_dict, load_yaml
-from picollm.errors import UserError
+from picollm.config import SECTIONS
+from picollm.errors import UserError, check
+from picollm.models.registry import PRESET_NAMES, preset_fields
+from picollm.schema import apply_overrides, flatten_keys, from_dict, load_yaml, to_dict
 
 STUDY_FILE = Path(__file__).with_name("study.yaml")
-SECTIONS = ("data", "model", "train")
 SECTIONS_SHOWN = ("curves", "params", "results", "diversity", "samples", "prompt_samples")
 
 
@@ -55,8 +56,6 @@ class EvalSpec:
     seed: int = 0
 
     def validate(self) -> None:
-        from picollm.config import check
-
         check(self.prompts >= 1, "eval.prompts", "must be at least 1")
         check(self.prompt_tokens >= 1, "eval.prompt_tokens", "must be at least 1")
         check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be at least 1")
@@ -80,8 +79,6 @@ class FindingsSpec:
     smoothness_tolerance: float = 0.1  # relative: roughness within 10% is a tie
 
     def validate(self) -> None:
-        from picollm.config import check
-
         for name in ("loss_tolerance", "distinct_tolerance", "little", "convergence_tolerance",
                      "smoothness_tolerance"):
             check(getattr(self, name) >= 0, f"findings.{name}", "must be >= 0")
@@ -259,8 +256,6 @@ def load_study(path: str | Path | None = None) -> StudySpec:
 
 
 def _eval_dict(spec: EvalSpec) -> dict:
-    from picollm.config import to_dict
-
     return to_dict(spec)
 
 
@@ -270,17 +265,7 @@ def flatten(data: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"study key '{where}': expected a mapping of config keys, got {data!r}")
-    out: dict[str, Any] = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            dotted = f"{prefix}.{key}" if prefix else str(key)
-            if isinstance(value, dict):
-                walk(value, dotted)
-            else:
-                out[dotted] = value
-
-    walk(data, "")
+    out = flatten_keys(data)
     for key in out:
         if key.split(".")[0] not in SECTIONS:
             raise UserError(f"study key '{where}.{key}': config keys start with one of "
@@ -306,8 +291,6 @@ class PlannedRun:
     explicit: set[str] = field(default_factory=set)  # keys a block, grid, rule or the command line sets
 
     def config_dict(self) -> dict:
-        from picollm.models.registry import preset_fields
-
         data: dict = {"model": preset_fields(self.preset)} if self.preset else {}
         return apply_overrides(data, self.overrides)
 
@@ -340,8 +323,11 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _matches(tags: dict[str, Any], where: dict[str, Any]) -> bool:
-    for key, wanted in where.items():
+def tags_match(tags: dict[str, Any], where: dict[str, Any]) -> bool:
+    """Whether a run's tags satisfy a `where:` mapping (of budget rules, `select` and the findings):
+    every key is a tag of the run, whose value is the wanted one or one of a list of them. Values
+    compare as written in a label, so 0 matches 0.0, and "true" matches true."""
+    for key, wanted in (where or {}).items():
         if key not in tags:
             return False
         allowed = wanted if isinstance(wanted, list) else [wanted]
@@ -363,8 +349,6 @@ def eval_settings(spec: StudySpec, budget: str) -> EvalSpec:
 
 def expand_block(spec: StudySpec, group: str, index: int, block: BlockSpec, budget: BudgetSpec,
                  seeds: list[int], cli: dict[str, Any]) -> list[PlannedRun]:
-    from picollm.models.registry import PRESET_NAMES
-
     where = f"groups.{group}.runs[{index}]"
     keys = list(block.grid)
     runs = []
@@ -402,7 +386,7 @@ def expand_block(spec: StudySpec, group: str, index: int, block: BlockSpec, budg
             label = "-".join([preset or family] + [_fmt(v) for k, v in chosen.items() if k not in in_preset])
         explicit = set(block.set) | {k for k in chosen if "." in k} | set(cli)
         for rule in budget.rules:
-            if _matches(tags, rule.where):
+            if tags_match(tags, rule.where):
                 settings.update(rule.set)
                 explicit |= set(rule.set)
         settings.update(cli)

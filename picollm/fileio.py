@@ -1,0 +1,110 @@
+"""Atomic file and directory writes, and what a full disk looks like.
+
+Every file picollm writes for later (checkpoints, run files, the prepared-data cache) goes through a
+hidden temporary sibling and a rename, so a kill at any moment leaves either the previous complete
+file or directory or the new complete one, never a half-written one. A full disk while writing is a
+`DiskFullError` (a `UserError`) that names the place and says that nothing was replaced.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from picollm.errors import UserError
+
+
+class DiskFullError(UserError):
+    """The filesystem ran out of space (or quota) while writing; nothing was replaced."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` reports a full disk: an OSError (ENOSPC, EDQUOT), or the same error as the
+    Rust-backed writers (safetensors, tokenizers) word it."""
+    if isinstance(exc, DiskFullError):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("No space left on device", "os error 28", "Disk quota exceeded",
+                                   "os error 122"))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(exc):
+            kept = f"the existing {path.name} is unchanged" if path.exists() else "nothing was left behind"
+            raise DiskFullError(f"no space left on device in {path.parent} while writing {path.name}; {kept}") \
+                from None
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write `data` as indented JSON to `path` through a temporary file and a rename."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_dir_atomic(directory: Path, fill: Callable[[Path], None]) -> Path:
+    """Call `fill(tmp_dir)` then move `tmp_dir` to `directory`, replacing an existing one.
+
+    The temporary directory is `.<name>.<random>.tmp` beside `directory`: a kill leaves only such a
+    hidden directory behind, which the next writer of the same place may delete.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(f"no space left on device in {directory.parent} while writing {directory.name}; "
+                                "nothing was replaced") from None
+        raise
+    try:
+        fill(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        if directory.exists():
+            # rename the old one away first: the swap is two renames, and no moment has neither
+            old = directory.with_name(f".{directory.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+        fsync_dir(directory.parent)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            kept = f"the existing {directory.name} is unchanged" if directory.exists() else "nothing was left behind"
+            raise DiskFullError(f"no space left on device in {directory.parent} while writing {directory.name}; "
+                                f"{kept}") from None
+        raise
+    return directory

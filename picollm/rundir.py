@@ -1,0 +1,181 @@
+"""The run directory: the one module that knows its layout.
+
+    <out>/config.yaml             the resolved RunConfig (what `picollm train --resume` reads)
+    <out>/environment.json        versions, device, command line
+    <out>/rerun.sh                reruns the run from config.yaml
+    <out>/metrics.jsonl           one JSON row per logged step and per evaluation
+    <out>/summary.json            written when the run ends; "status": "finished" marks it done
+    <out>/checkpoints/step-N/     periodic, resumable: a model directory + the training state
+    <out>/best/                   the model with the lowest validation loss so far
+    <out>/final/                  the finished model
+    <out>/eval.json               what the study measured on the finished run
+
+A model directory (final/, best/, a step-N/, a hub snapshot) is one that holds `MODEL_CONFIG`; its
+files are `picollm.checkpoint`'s business.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from picollm._version import __version__
+from picollm.config import RunConfig, from_dict, load_yaml, to_dict
+from picollm.errors import UserError
+from picollm.fileio import write_json_atomic, write_text_atomic
+
+CONFIG = "config.yaml"
+ENVIRONMENT = "environment.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+RERUN = "rerun.sh"
+EVAL = "eval.json"
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+FINAL = "final"
+MODEL_CONFIG = "config.json"  # what makes a directory a model checkpoint (picollm.checkpoint writes it)
+# what a fresh start (not a resume) deletes from an existing run directory
+OUTPUTS = (CHECKPOINTS, BEST, FINAL, METRICS, SUMMARY)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def write_run_files(out: Path, config: RunConfig, device: torch.device) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / CONFIG, yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_json_atomic(out / ENVIRONMENT, {
+        "picollm_version": __version__,
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+        "command_line": sys.argv,
+    })
+    (out / RERUN).write_text(
+        "#!/usr/bin/env bash\n# Reruns this training run from its resolved config (resuming if interrupted).\n"
+        f"picollm train --config {shlex.quote(str(out / CONFIG))} --out {shlex.quote(str(out))}\n",
+        encoding="utf-8")
+
+
+def read_run_config(out: Path) -> RunConfig:
+    path = out / CONFIG
+    if not path.is_file():
+        raise UserError(f"{out} is not a picollm run directory: {CONFIG} is missing")
+    data = load_yaml(path)
+    try:
+        return from_dict(RunConfig, data)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in `path`, or None where it is missing or unreadable (a run that never finished)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def read_summary(out: Path) -> dict[str, Any] | None:
+    return read_json(out / SUMMARY)
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    path = out / METRICS
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut off by a kill ends the log
+    return rows
+
+
+def truncate_metrics(out: Path, last_step: int) -> None:
+    """Drop log lines after `last_step` (written by a run that was killed after its last checkpoint)."""
+    rows = [r for r in read_metrics(out) if r.get("step", 0) <= last_step]
+    write_text_atomic(out / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def step_dir(out: Path, step: int) -> Path:
+    return out / CHECKPOINTS / f"step-{step:08d}"
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """The periodic checkpoints, oldest first."""
+    root = out / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.startswith("."))
+
+
+def remove_partial_writes(out: Path) -> None:
+    """Delete the temporaries left by a kill during an atomic write; they were never visible."""
+    for parent in (out, out / CHECKPOINTS):
+        if parent.is_dir():
+            for tmp in parent.glob(".*.tmp"):
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
+
+
+def clear_outputs(out: Path) -> None:
+    """What a fresh start replaces: checkpoints, best/, final/, the metrics log and the summary."""
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def find_run_dir(path: str | Path) -> Path | None:
+    """The run directory that `path` is or holds a checkpoint of (it contains config.yaml), or None."""
+    here = Path(path).expanduser()
+    candidates = [here]
+    if here.name in (FINAL, BEST):
+        candidates.append(here.parent)
+    if here.parent.name == CHECKPOINTS:
+        candidates.append(here.parent.parent)
+    for candidate in candidates:
+        if (candidate / CONFIG).is_file():
+            return candidate
+    return None
+
+
+def model_dir(directory: Path) -> Path:
+    """The model directory that `directory` is or holds: itself, else a run's final model, then the
+    best by validation loss, then the latest periodic checkpoint."""
+    if (directory / MODEL_CONFIG).is_file():
+        return directory
+    for candidate in (directory / FINAL, directory / BEST):
+        if (candidate / MODEL_CONFIG).is_file():
+            return candidate
+    periodic = [p for p in checkpoint_dirs(directory) if (p / MODEL_CONFIG).is_file()]
+    if periodic:
+        return periodic[-1]
+    raise UserError(f"{directory} holds no checkpoint (no {MODEL_CONFIG}, {FINAL}/, {BEST}/ or {CHECKPOINTS}/)")
