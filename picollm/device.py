@@ -56,7 +56,7 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> str:
     """'auto' -> bf16 autocast where bf16 runs natively, fp32 elsewhere; other names stay as they are.
 
     bf16 autocast keeps the weights, optimizer state and loss reduction in fp32; on the sample its loss
-    curve stays within 0.001 nats of fp32's while a step takes about half the time (docs/performance.md).
+    curve follows fp32's while a step is faster (docs/performance.md has the curves and the times).
     """
     if name == "auto":
         return "bf16" if native_bf16(device) else "fp32"

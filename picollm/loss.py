@@ -10,8 +10,8 @@ exist once and are never recomputed or stored for backward. The plain path
 What makes it fast (docs/performance.md has the measurements):
 
 - one logits buffer per call, reused by every block, and on the CPU kept between calls (a fresh
-  multi-megabyte tensor per block costs a page fault per 4 KiB on first touch, which measured as
-  much as the matmul itself); `release_workspace()` frees it;
+  multi-megabyte tensor per block pays a page fault per 4 KiB on first touch); `release_workspace()`
+  frees it;
 - on the CPU a block is at most `CPU_BLOCK_BYTES` of fp32 logits (about 1,300 rows at the GPT-2
   vocabulary), which bounds the memory whatever `chunk_tokens` says; `chunk_tokens` is the upper
   bound everywhere;
@@ -37,9 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Largest block of fp32 logits on the CPU (1335 rows at vocab 50257; at 4096, all of a default
-# 4096-row chunk). With the buffer reused, blocks of 256..4096 rows cost the same CPU time; blocks
-# under ~512 rows lose on 2 threads (a parallel region and its barrier per op and block), larger
-# ones only hold more memory. Measured: docs/performance.md.
+# 4096-row chunk), and the smallest: small blocks pay a parallel region and its barrier per op and
+# block, large ones only hold more memory (docs/performance.md, "Blocks sized for 2 threads").
 CPU_BLOCK_BYTES = 256 * 2**20
 MIN_BLOCK_ROWS = 512
 
@@ -139,7 +138,7 @@ def _blocks(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor
         top = L.amax(dim=1)
         torch.softmax(L, 1, out=L)
         # lse = max logit - log(max p): max p >= 1/V never underflows (two cheap passes instead of
-        # a logsumexp; `max(dim)` with indices measured 4x slower than `amax`)
+        # a logsumexp; `amax`, not `max(dim)`, which also computes indices: docs/performance.md)
         lse = top - L.amax(dim=1).log()
         torch.sub(lse, target_logit, out=losses[start:end])
         # d loss / d logits = softmax - onehot (times `scale`, folded into the matmuls below)

@@ -66,9 +66,9 @@ class LineProgress:
         self._printed_at, self._printed_n = now, self.n
         elapsed = now - self._start
         done = self.n - self._initial
-        counts = f"{self.n:g}/{self.total:g} {self.unit} " if self.unit else ""
-        text = f"{self.desc}: {counts}({100 * self.n / max(self.total, 1e-9):.0f}%), " \
-               f"{tqdm.format_interval(elapsed)} elapsed"
+        percent = f"{100 * self.n / max(self.total, 1e-9):.0f}%"
+        counts = f"{self.n:g}/{self.total:g} {self.unit} ({percent})" if self.unit else percent
+        text = f"{self.desc}: {counts}, {tqdm.format_interval(elapsed)} elapsed"
         if 0 < done and self.n < self.total:
             text += f", ETA {tqdm.format_interval(elapsed / done * (self.total - self.n))}"
         if self.postfix:

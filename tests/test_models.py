@@ -167,6 +167,24 @@ def test_checkpoint_round_trip(name, tmp_path):
     assert loaded.num_parameters() == model.num_parameters()
 
 
+def test_a_model_built_directly_saves_a_loadable_checkpoint(tmp_path):
+    from picollm.models.lstm import LSTMConfig, LSTMModel
+
+    model = LSTMModel(LSTMConfig(vocab_size=V, embed_dim=8, hidden_size=8))  # not through the registry
+    assert model.family == "lstm" and model.tokenizer is None and model.checkpoint_path is None
+    save_model(model, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.family == "lstm" and loaded.config == model.config
+    assert loaded.checkpoint_path == tmp_path / "ckpt" and loaded.tokenizer is None  # none was saved
+
+    class Unregistered(LSTMModel):
+        family = ""
+
+    with pytest.raises(picollm.UserError, match="not a registered model family.*register_model"):
+        save_model(Unregistered(model.config), tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
 def test_flops_per_token_counts_dense_parameters():
     model = make("lstm")
     dense = model.num_parameters(non_embedding=True) + model.output_layer.weight.numel()

@@ -76,9 +76,9 @@ class LanguageModel(nn.Module):
         """The output layer for the few rows of a generation step: hidden [B, D] -> logits [B, V].
 
         On a CPU in fp32, MKL multiplies a skinny [B, D] by the [D, V] weight slowly once D >= 128;
-        W @ hidden.T, with one row doubled to two (a gemv is as slow), gives the same logits 2-8x faster
-        at V = 50257 for B up to 16 (docs/performance.md). Elsewhere, and for narrower layers, where it
-        was measured slower, it is the plain layer.
+        W @ hidden.T, with one row doubled to two (a gemv is as slow), gives the same logits faster for
+        B up to 16. Elsewhere, and for narrower layers, it is the plain layer, which was as fast there
+        (docs/performance.md has both measurements).
         """
         layer = self.output_layer
         rows = hidden.shape[0]

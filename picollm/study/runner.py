@@ -30,6 +30,7 @@ from typing import Any
 
 from picollm.config import DataConfig, RunConfig, from_dict, to_dict
 from picollm.errors import UserError
+from picollm.progress import progress_bar
 from picollm.schema import flatten_keys
 from picollm.study.spec import EvalSpec, PlannedRun, StudySpec, eval_settings, expand
 
@@ -417,11 +418,8 @@ class Progress:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if enabled and todo:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=round(sum(self.weights.values()), 1), unit="", file=self.err,
-                            desc="study", dynamic_ncols=True,
-                            bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed, ETA {remaining}")
+            self.bar = progress_bar(round(sum(self.weights.values()), 1), "study", unit="", file=self.err,
+                                    bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed, ETA {remaining}")
             self._thread = threading.Thread(target=self._poll, daemon=True)
             self._thread.start()
 
