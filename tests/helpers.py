@@ -1,8 +1,17 @@
-"""Small helpers shared by the CLI tests (pytest puts this folder on sys.path)."""
+"""Small helpers shared by the tests (pytest puts this folder on sys.path); fixtures are in conftest.py."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
 from picollm.cli import main
+
+# the training tests' model: a one-block Transformer small enough to train 12 steps in about a second
+TINY_MODEL = {"family": "transformer", "d_model": 32, "n_heads": 2, "n_layers": 1, "context_length": 32}
 
 
 def exit_code(argv: list[str]) -> int:
@@ -11,3 +20,32 @@ def exit_code(argv: list[str]) -> int:
         return main(argv)
     except SystemExit as exc:
         return int(exc.code)
+
+
+def run_config(data_section: dict, out: Path, model: dict | None = None, **train) -> dict:
+    """A 12-step run of `TINY_MODEL` (dropout 0.1) on the `data_section` fixture's data: evaluations at
+    steps 4, 8 and 12, a checkpoint every 2 steps, a log row every step."""
+    recipe = {"batch_size": 4, "max_steps": 12, "eval_interval": 4, "eval_batches": 2, "ckpt_interval": 2,
+              "log_interval": 1, "sample_tokens": 4, "threads": 1, "lr": 3e-3, **train}
+    return {"data": dict(data_section), "model": model or dict(TINY_MODEL, dropout=0.1), "train": recipe,
+            "out": str(out)}
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str = "") -> None:
+    assert got.keys() == want.keys(), what
+    for name in want:
+        assert torch.equal(got[name], want[name]), f"{what}: {name} differs"
+
+
+def logged_steps(out: Path) -> dict[str, list[int]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {kind: [r["step"] for r in rows if r["kind"] == kind] for kind in ("train", "eval")}
+
+
+def pickle_trap(marker: Path) -> bytes:
+    """A pickle that creates `marker` when it is unpickled (as a malicious one would run anything)."""
+    return b"c__builtin__\nopen\n(V" + str(marker).encode() + b"\nVw\ntR."

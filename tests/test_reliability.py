@@ -1,8 +1,9 @@
 """Reliability and safety (issue 8): preemption, broken files, numerical faults, full disk, no code execution.
 
-The fault points, one random SIGKILL, SIGTERM, NaN skipping on one process and DDP equivalence are in
-test_training.py; this file adds what the issue asks beyond them. Every run is a tiny Transformer on
-300 stories of the sample with a 512-token BPE, one thread.
+The fault points, SIGTERM, NaN skipping on one process and DDP equivalence are in test_training.py, and
+loading from the hub in test_hub.py; this file adds what the issue asks beyond them. Every run is
+`helpers.run_config` (a tiny Transformer on 300 stories of the sample with a 512-token BPE, one thread),
+and `reference_run` (conftest.py) is that run, never interrupted.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import assert_same_weights, final_weights, logged_steps, pickle_trap, run_config
 from safetensors.torch import load_file
 
 import picollm
@@ -33,7 +35,6 @@ from picollm.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "picollm"
-MODEL = {"family": "transformer", "d_model": 32, "n_heads": 2, "n_layers": 1, "context_length": 32, "dropout": 0.1}
 # stories made up for these tests (the sample's text is never copied into the repository)
 STORIES = [
     "Mia found a blue shell on the beach. She gave it to her little brother, and he smiled all day.",
@@ -41,42 +42,6 @@ STORIES = [
     "Ben built a tall tower of blocks. It fell down, so he built it again, taller than before.",
     "A small cloud wanted to rain on the garden. The flowers were happy and grew very tall.",
 ]
-
-
-@pytest.fixture(scope="module")
-def data_section(tmp_path_factory, sample_path) -> dict:
-    cache = tmp_path_factory.mktemp("cache")
-    return {"data": str(sample_path), "num_stories": 300, "split": [0.8, 0.1, 0.1],
-            "tokenizer": "bpe:512", "cache_dir": str(cache), "num_proc": 1}
-
-
-def run_config(data_section: dict, out: Path, **train_overrides) -> dict:
-    recipe = {"batch_size": 4, "max_steps": 12, "eval_interval": 4, "eval_batches": 2, "ckpt_interval": 2,
-              "log_interval": 1, "sample_tokens": 4, "threads": 1, "lr": 3e-3, **train_overrides}
-    return {"data": dict(data_section), "model": dict(MODEL), "train": recipe, "out": str(out)}
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "final" / "model.safetensors"))
-
-
-def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str = "") -> None:
-    assert got.keys() == want.keys(), what
-    for name in want:
-        assert torch.equal(got[name], want[name]), f"{what}: {name} differs"
-
-
-def logged_steps(out: Path) -> dict[str, list[int]]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {kind: [r["step"] for r in rows if r["kind"] == kind] for kind in ("train", "eval")}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_section) -> Path:
-    """An uninterrupted run: every interrupted-and-resumed run below must end with its weights, bit for bit."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    train(run_config(data_section, out), progress=False)
-    return out
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -154,8 +119,9 @@ for i, config in enumerate(jobs["kill"]):
 """
 
 
-def test_sigkill_at_five_random_moments_each_resume_is_bit_identical(tmp_path, data_section, reference):
-    want = final_weights(reference)
+@pytest.mark.slow
+def test_sigkill_at_five_random_moments_each_resume_is_bit_identical(tmp_path, data_section, reference_run):
+    want = final_weights(reference_run)
     jobs = {"seed": 8, "measure": run_config(data_section, tmp_path / "measure"),
             "kill": [run_config(data_section, tmp_path / f"kill{i}") for i in range(5)]}
     proc = subprocess.run([sys.executable, "-c", KILLER, json.dumps(jobs)], capture_output=True, text=True,
@@ -175,10 +141,11 @@ def test_sigkill_at_five_random_moments_each_resume_is_bit_identical(tmp_path, d
         result = train(config, progress=False)
         assert result.summary["status"] == "finished"
         assert_same_weights(final_weights(out), want, f"killed at {r['moment']:.3f}s")
-        assert logged_steps(out) == logged_steps(reference), r  # no step lost or logged twice
+        assert logged_steps(out) == logged_steps(reference_run), r  # no step lost or logged twice
 
 
-def test_sigint_through_the_cli_then_resume_is_bit_identical(tmp_path, data_section, reference, capsys):
+@pytest.mark.slow
+def test_sigint_through_the_cli_then_resume_is_bit_identical(tmp_path, data_section, reference_run, capsys):
     out = tmp_path / "run"
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(run_config(data_section, out, ckpt_interval=0)))
@@ -205,10 +172,10 @@ def test_sigint_through_the_cli_then_resume_is_bit_identical(tmp_path, data_sect
 
     code, _, err = run_cli(capsys, "train", "--resume", str(out), "--no-progress")
     assert code == 0, err
-    assert_same_weights(final_weights(out), final_weights(reference), "resumed after SIGINT")
+    assert_same_weights(final_weights(out), final_weights(reference_run), "resumed after SIGINT")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 12
-    assert logged_steps(out) == logged_steps(reference) == {"train": list(range(1, 13)), "eval": [4, 8, 12]}
+    assert logged_steps(out) == logged_steps(reference_run) == {"train": list(range(1, 13)), "eval": [4, 8, 12]}
 
 
 FINAL_EVAL_SIGNAL = r"""
@@ -231,7 +198,8 @@ print(json.dumps(result.summary))
 """
 
 
-def test_sigterm_during_the_final_evaluation_still_checkpoints(tmp_path, data_section, reference):
+@pytest.mark.slow
+def test_sigterm_during_the_final_evaluation_still_checkpoints(tmp_path, data_section, reference_run):
     """After the last step, the run evaluates and only then writes its checkpoint: a preemption there
     must not lose the run (with ckpt_interval 0 there is no other checkpoint)."""
     out = tmp_path / "run"
@@ -244,9 +212,9 @@ def test_sigterm_during_the_final_evaluation_still_checkpoints(tmp_path, data_se
     assert "interrupted by signal at step 12" in proc.stderr
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000012"]
     assert train(run_config(data_section, out, ckpt_interval=0), progress=False).summary["status"] == "finished"
-    assert_same_weights(final_weights(out), final_weights(reference), "resumed after a signal in the final eval")
-    assert logged_steps(out) == logged_steps(reference)  # the final evaluation is not logged twice
-    summary, want = (json.loads((run / "summary.json").read_text()) for run in (out, reference))
+    assert_same_weights(final_weights(out), final_weights(reference_run), "resumed after a signal in the final eval")
+    assert logged_steps(out) == logged_steps(reference_run)  # the final evaluation is not logged twice
+    summary, want = (json.loads((run / "summary.json").read_text()) for run in (out, reference_run))
     assert summary["final_val_loss_subset"] == want["final_val_loss_subset"]
 
 
@@ -322,9 +290,9 @@ def stories_file(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("breakage", list(BREAKAGES))
-def test_broken_checkpoint_is_one_clear_error_and_untouched(tmp_path, reference, stories_file, capsys, breakage):
+def test_broken_checkpoint_is_one_clear_error_and_untouched(tmp_path, reference_run, stories_file, capsys, breakage):
     checkpoint = tmp_path / "ckpt"
-    shutil.copytree(reference / "final", checkpoint)
+    shutil.copytree(reference_run / "final", checkpoint)
     # sound, it works
     code, _, err = run_cli(capsys, "generate", str(checkpoint), "--prompt", "Once", "--max-new-tokens", "3",
                            "--device", "cpu")
@@ -343,9 +311,9 @@ def test_broken_checkpoint_is_one_clear_error_and_untouched(tmp_path, reference,
         load_model(checkpoint)
 
 
-def test_broken_run_directory_errors_name_the_file(tmp_path, reference, capsys):
+def test_broken_run_directory_errors_name_the_file(tmp_path, reference_run, capsys):
     run = tmp_path / "run"
-    shutil.copytree(reference, run)
+    shutil.copytree(reference_run, run)
     latest = sorted((run / "checkpoints").glob("step-*"))[-1]
     cases = [
         (run / "config.yaml", "train: [unclosed\n", ["config.yaml", "not valid YAML"]),
@@ -516,6 +484,7 @@ with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
 """
 
 
+@pytest.mark.slow
 def test_nan_on_one_of_two_gloo_ranks_both_skip_then_stop(tmp_path, data_section):
     out = tmp_path / "ddp"
     config = run_config(data_section, out, max_bad_steps=3, eval_interval=0, ckpt_interval=2, max_steps=16)
@@ -550,7 +519,7 @@ def test_nan_on_one_of_two_gloo_ranks_both_skip_then_stop(tmp_path, data_section
 # --- internal errors keep their traceback --------------------------------------------------------
 
 
-def test_an_internal_bug_is_not_swallowed(reference, monkeypatch, capsys):
+def test_an_internal_bug_is_not_swallowed(reference_run, monkeypatch, capsys):
     import picollm.generation
 
     def bug(*args, **kwargs):
@@ -558,13 +527,13 @@ def test_an_internal_bug_is_not_swallowed(reference, monkeypatch, capsys):
 
     monkeypatch.setattr(picollm.generation, "generate", bug)
     with pytest.raises(RuntimeError, match="an injected internal bug"):
-        main(["generate", str(reference), "--prompt", "Once", "--device", "cpu"])
+        main(["generate", str(reference_run), "--prompt", "Once", "--device", "cpu"])
     script = ("import sys, picollm.generation as g\n"
               "def bug(*a, **k): raise RuntimeError('an injected internal bug')\n"
               "g.generate = bug\n"
               "from picollm.cli import main\n"
               "sys.exit(main(sys.argv[1:]))\n")
-    proc = subprocess.run([sys.executable, "-c", script, "generate", str(reference), "--prompt", "Once",
+    proc = subprocess.run([sys.executable, "-c", script, "generate", str(reference_run), "--prompt", "Once",
                            "--device", "cpu"], capture_output=True, text=True, timeout=120, env=env_one_thread())
     assert proc.returncode == 1
     assert "Traceback (most recent call last)" in proc.stderr
@@ -655,14 +624,9 @@ def test_package_source_has_no_pickle_or_remote_code():
     assert not found, "unsafe loading in the package:\n" + "\n".join(found)
 
 
-def _pickle_trap(marker: Path) -> bytes:
-    """A pickle that creates `marker` when it is unpickled (as a malicious one would run anything)."""
-    return b"c__builtin__\nopen\n(V" + str(marker).encode() + b"\nVw\ntR."
-
-
 def test_pickle_trap_is_live(tmp_path):
     marker = tmp_path / "control"
-    pickle.loads(_pickle_trap(marker)).close()
+    pickle.loads(pickle_trap(marker)).close()
     assert marker.exists()  # so the files below would give themselves away if anything unpickled them
 
 
@@ -676,100 +640,16 @@ def _block_unpickling(monkeypatch) -> None:
     monkeypatch.setattr(pickle, "Unpickler", refuse)
 
 
-def test_loading_and_resuming_never_unpickle(tmp_path, reference, data_section, monkeypatch):
+def test_loading_and_resuming_never_unpickle(tmp_path, reference_run, data_section, monkeypatch):
     run = tmp_path / "run"
-    shutil.copytree(reference, run)
+    shutil.copytree(reference_run, run)
     (run / "summary.json").unlink()
     shutil.rmtree(run / "final")
     _block_unpickling(monkeypatch)
-    model = picollm.load(str(reference))
+    model = picollm.load(str(reference_run))
     assert model.tokenizer is not None
     config = run_config(data_section, run, max_steps=13)
     assert train(config, progress=False).summary["steps"] == 13
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An offline Hugging Face cache; yields a function that puts a snapshot of files in it."""
-    import importlib
-
-    import huggingface_hub.constants
-
-    hf_home = tmp_path / "hf"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-
-    def add(repo_id: str, files: dict[str, bytes]) -> Path:
-        repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
-        snapshot = repo / "snapshots" / commit
-        snapshot.mkdir(parents=True)
-        for name, data in files.items():
-            (snapshot / name).write_bytes(data)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(commit)
-        return snapshot
-
-    monkeypatch.setenv("HF_HOME", str(hf_home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    importlib.reload(huggingface_hub.constants)
-    try:
-        yield add
-    finally:
-        monkeypatch.undo()
-        importlib.reload(huggingface_hub.constants)
-
-
-def test_hub_snapshot_with_code_or_pickles_loads_only_safetensors_and_json(tmp_path, reference, hub_cache,
-                                                                          monkeypatch):
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    files = {f.name: f.read_bytes() for f in (reference / "final").iterdir()}
-    config = json.loads(files["config.json"])
-    config.update(auto_map={"AutoModel": "modeling_evil.EvilModel"}, trust_remote_code=True)
-    files["config.json"] = json.dumps(config).encode()
-    # hashes recorded in config.json stay valid: config.json itself is not among them
-    evil = {
-        "modeling_evil.py": f"open({str(markers / 'py')!r}, 'w').close()\n".encode(),
-        "__init__.py": f"open({str(markers / 'init')!r}, 'w').close()\n".encode(),
-        "pytorch_model.bin": _pickle_trap(markers / "bin"),
-        "model.pt": _pickle_trap(markers / "pt"),
-        "training_args.bin": _pickle_trap(markers / "args"),
-        "optimizer.pt": _pickle_trap(markers / "opt"),
-    }
-    hub_cache("someone/evil", {**files, **evil})
-    hub_cache("someone/pickle-only", {"config.json": files["config.json"], **evil})
-    model = picollm.load("someone/evil")
-    reference_model = picollm.load(str(reference))
-    assert_same_weights(model.state_dict(), reference_model.state_dict(), "hub copy")
-    assert model.generate("Once", max_new_tokens=3)
-    with pytest.raises(UserError, match="model.safetensors is missing"):
-        picollm.load("someone/pickle-only")
-    assert not list(markers.iterdir()), "a file of the snapshot was executed or unpickled"
-    assert "modeling_evil" not in sys.modules
-
-
-def test_hub_download_fetches_only_config_safetensors_and_tokenizer_json(monkeypatch, tmp_path):
-    import huggingface_hub
-    from huggingface_hub.utils import filter_repo_objects
-
-    from picollm import hub
-
-    asked = {}
-
-    def fake_snapshot_download(repo_id, **kwargs):
-        asked.update(kwargs, repo_id=repo_id)
-        return str(tmp_path)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    assert hub.download("someone/model") == tmp_path
-    assert asked["repo_id"] == "someone/model"
-    assert "trust_remote_code" not in asked
-    repo_files = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
-                  "modeling_evil.py", "pytorch_model.bin", "model.pt", "model.ckpt", "optimizer.pt", "x.pkl",
-                  "training_args.bin", "sub/config.json", "sub/model.safetensors", "tokenizer.py", "setup.py",
-                  ".gitattributes", "model.safetensors.index.json", "evil.json.py"]
-    fetched = set(filter_repo_objects(repo_files, allow_patterns=asked["allow_patterns"],
-                                      ignore_patterns=asked.get("ignore_patterns")))
-    assert fetched == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"}
 
 
 # --- full disk -----------------------------------------------------------------------------------
@@ -815,11 +695,11 @@ def _fill_disk_at_second_checkpoint(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("disk", ["tmpfs", "patched writer"])
-def test_full_disk_is_a_clear_error_and_the_last_checkpoint_survives(tmp_path, data_section, reference, monkeypatch,
+def test_full_disk_is_a_clear_error_and_the_last_checkpoint_survives(tmp_path, data_section, reference_run, monkeypatch,
                                                                      capsys, disk):
     mount = tmp_path / "disk"
     out = mount / "run"
-    ckpt_bytes, best_bytes = _checkpoint_bytes(reference)
+    ckpt_bytes, best_bytes = _checkpoint_bytes(reference_run)
     # room for one checkpoint, best/ and the run's small files; not for a second checkpoint beside the first
     size = -(-int(1.5 * ckpt_bytes + best_bytes + 96 * 1024) // 4096) * 4096
     mounted = disk == "tmpfs" and _mount_tmpfs(mount, size)
@@ -845,7 +725,7 @@ def test_full_disk_is_a_clear_error_and_the_last_checkpoint_survives(tmp_path, d
             monkeypatch.undo()
         code, _, err = run_cli(capsys, "train", "--resume", str(out), "--no-progress")
         assert code == 0, err
-        assert_same_weights(final_weights(out), final_weights(reference), "resumed after a full disk")
+        assert_same_weights(final_weights(out), final_weights(reference_run), "resumed after a full disk")
         assert before  # the checkpoint resumed from was intact
     finally:
         if mounted:

@@ -65,6 +65,7 @@ def _study(tiny_study: Path, out: Path, sample_path: Path, cache_dir: Path, *ext
                  f"--data.cache_dir={cache_dir}", "--jobs", "1", *extra])
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end(tiny_study, tmp_path, sample_path, cache_dir, capsys):
     out = tmp_path / "study"
     assert _study(tiny_study, out, sample_path, cache_dir) == 0
@@ -132,6 +133,7 @@ def test_budget_seeds_only_and_dry_run(tiny_study, tmp_path, sample_path, cache_
     assert "distinct runs" in captured.out
 
 
+@pytest.mark.slow
 def test_jobs_train_runs_in_parallel_processes_with_the_same_results(tiny_study, tmp_path, sample_path, cache_dir,
                                                                       capsys):
     args = ("--budget", "tinier", "--only", "size", "--no-report")

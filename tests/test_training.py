@@ -1,11 +1,11 @@
-"""The training engine: recipe, schedule, config errors, checkpoints, resume, DDP, chunked loss, wandb."""
+"""The trainer (picollm.training): schedule, run directory, checkpoints, faults and resume, signals, NaN
+skipping, DDP, wandb, dry run, progress. Runs are `helpers.run_config` on the `data_section` fixture."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import random
 import signal
 import struct
 import subprocess
@@ -15,39 +15,24 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+import yaml
+from helpers import TINY_MODEL, final_weights, run_config
 from safetensors.torch import load_file
 
 import picollm
-from picollm.cli import main
 from picollm.config import RunConfig, from_dict, load_run_config
 from picollm.device import resolve_dtype
-from picollm.errors import UserError
-from picollm.loss import linear_cross_entropy, model_loss
-from picollm.models.registry import build_model
+from picollm.training import step as step_module
+from picollm.training import trainer as trainer_module
 from picollm.training.schedule import lr_at
 from picollm.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = {"family": "transformer", "d_model": 32, "n_heads": 2, "n_layers": 1, "context_length": 32}
 
 
-@pytest.fixture(scope="module")
-def data_section(tmp_path_factory, sample_path) -> dict:
-    """300 stories of the sample with a 512-token BPE, prepared once for this module."""
-    cache = tmp_path_factory.mktemp("cache")
-    return {"data": str(sample_path), "num_stories": 300, "split": [0.8, 0.1, 0.1],
-            "tokenizer": "bpe:512", "cache_dir": str(cache), "num_proc": 1}
-
-
-def run_config(data_section: dict, out: Path, model: dict | None = None, **train) -> dict:
-    recipe = {"batch_size": 4, "max_steps": 12, "eval_interval": 4, "eval_batches": 2, "ckpt_interval": 4,
-              "log_interval": 1, "sample_tokens": 4, "threads": 1, "lr": 3e-3, **train}
-    return {"data": data_section, "model": model or dict(TINY_MODEL), "train": recipe, "out": str(out)}
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "final" / "model.safetensors"))
+def plain_config(data_section: dict, out: Path, model: dict | None = None, **train) -> dict:
+    """`helpers.run_config` without dropout and with a checkpoint every 4 steps (this file's usual run)."""
+    return run_config(data_section, out, model=model or dict(TINY_MODEL), **{"ckpt_interval": 4, **train})
 
 
 # --- schedule -------------------------------------------------------------------------------------
@@ -66,114 +51,12 @@ def test_schedule_warmup_then_cosine_to_min_lr():
     assert lr_at(99, total, lr, "constant", 0.1) == pytest.approx(lr)
 
 
-# --- config ---------------------------------------------------------------------------------------
-
-
-def test_defaults_are_the_study_recipe():
-    t = RunConfig().train
-    assert (t.optimizer, t.lr, t.schedule, t.warmup_ratio, t.batch_size, t.epochs, t.dtype) == \
-        ("adamw", 3e-4, "cosine", 0.1, 64, 5.0, "auto")
-
-
-@pytest.mark.parametrize("overrides, message", [
-    ({"train.lrr": 1.0}, "unknown config key train.lrr; allowed in 'train':"),
-    ({"train.lr": "fast"}, "config key 'train.lr': expected a number, got 'fast'"),
-    ({"train.lr": -1.0}, "config key 'train.lr': must be positive"),
-    ({"train.batch_size": 2.5}, "config key 'train.batch_size': expected an integer"),
-    ({"train.schedule": "step"}, "config key 'train.schedule': use cosine, linear or constant"),
-    ({"data.split": [0.5, 0.2, 0.2]}, "ratios must sum to 1"),
-    ({"model.family": "rnn"}, "unknown model family 'rnn'"),
-    ({"model.d_model": 0}, "model.d_model"),
-    ({"model.no_such_field": 1}, "unknown config key model.no_such_field"),
-])
-def test_config_errors_name_the_key(overrides, message):
-    with pytest.raises(UserError, match=None) as err:
-        load_run_config(overrides={"model.family": "transformer", **overrides})
-    assert message in str(err.value)
-
-
-def test_cli_config_error_is_one_line_and_exit_2(tmp_path, capsys):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("train:\n  lr: [1, 2]\n")
-    code = main(["train", "--config", str(bad), "--preset", "transformer-pico", "--out", str(tmp_path / "r")])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert err.count("\n") == 1 and "train.lr" in err
-    assert not (tmp_path / "r").exists()  # nothing was started
-    assert main(["train", "--preset", "transformer-pico", "--train.nope", "1"]) == 2
-    assert "unknown config key train.nope" in capsys.readouterr().err
-    assert main(["train", "--preset", "lstm-huge"]) == 2
-    assert "no preset 'huge'" in capsys.readouterr().err
-
-
-def test_dotted_overrides_and_preset_precedence(tmp_path):
-    cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("model:\n  n_layers: 3\ntrain:\n  lr: 0.01\n  batch_size: 8\n")
-    cfg = load_run_config(cfg_file, {"train.lr": 1e-3, "model.d_model": 48}, preset="transformer-pico")
-    assert cfg.train.lr == 1e-3 and cfg.train.batch_size == 8
-    assert cfg.model["family"] == "transformer" and cfg.model["n_layers"] == 3 and cfg.model["d_model"] == 48
-
-
-# --- the chunked loss -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family_spec", [
-    dict(TINY_MODEL, vocab_size=300),
-    {"family": "lstm", "vocab_size": 300, "embed_dim": 16, "hidden_size": 24, "context_length": 32},
-])
-def test_chunked_loss_and_gradients_equal_the_plain_path(family_spec):
-    model = build_model(family_spec)
-    x = torch.randint(0, 300, (3, 17))
-    y = torch.randint(0, 300, (3, 17))
-    plain = F.cross_entropy(model(x).reshape(-1, 300), y.reshape(-1))
-    plain.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    chunked = model_loss(model, x, y, chunk_tokens=5)
-    chunked.backward()
-    assert abs(chunked.item() - plain.item()) < 1e-5
-    for name, p in model.named_parameters():
-        assert torch.allclose(p.grad, grads[name], atol=1e-5), name
-
-
-def test_linear_cross_entropy_sum_bias_and_per_token():
-    h = torch.randn(11, 8, requires_grad=True)
-    w = torch.randn(20, 8, requires_grad=True)
-    b = torch.randn(20, requires_grad=True)
-    t = torch.randint(0, 20, (11,))
-    got = linear_cross_entropy(h, w, t, b, chunk_tokens=4, reduction="sum")
-    (got * 2).backward()
-    g = [h.grad.clone(), w.grad.clone(), b.grad.clone()]
-    h.grad = w.grad = b.grad = None
-    want = F.cross_entropy(h @ w.T + b, t, reduction="sum")
-    (want * 2).backward()
-    assert torch.allclose(got, want, atol=1e-5)
-    for a, c in zip(g, [h.grad, w.grad, b.grad]):
-        assert torch.allclose(a, c, atol=1e-4)
-    per_token = linear_cross_entropy(h, w, t, b, chunk_tokens=3, reduction="none")
-    assert torch.allclose(per_token, F.cross_entropy(h @ w.T + b, t, reduction="none"), atol=1e-5)
-
-
 # --- training end to end --------------------------------------------------------------------------
-
-
-def test_tiny_model_overfits_a_tiny_batch():
-    torch.manual_seed(0)
-    model = build_model(dict(TINY_MODEL, vocab_size=64, context_length=16))
-    x = torch.randint(0, 64, (2, 16))
-    y = torch.randint(0, 64, (2, 16))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss = model_loss(model, x, y, chunk_tokens=7)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.1
 
 
 def test_run_directory_metrics_checkpoints_and_load(tmp_path, data_section):
     out = tmp_path / "run"
-    result = train(run_config(data_section, out, keep_last=2), progress=False)
+    result = train(plain_config(data_section, out, keep_last=2), progress=False)
     s = result.summary
     assert s["status"] == "finished" and s["steps"] == 12
     assert s["tokens_seen"] == 12 * 4 * 32
@@ -206,7 +89,7 @@ def test_run_directory_metrics_checkpoints_and_load(tmp_path, data_section):
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, result.model.state_dict()[name]), name
     # the same run again is recognised as finished and not retrained
-    again = train(run_config(data_section, out, keep_last=2), progress=False)
+    again = train(plain_config(data_section, out, keep_last=2), progress=False)
     assert again.model is None and again.summary == s
 
 
@@ -236,8 +119,8 @@ def test_registered_family_trains_through_the_normal_trainer(tmp_path, data_sect
 
     picollm.register_model("test-bigram", BigramConfig, Bigram)
     out = tmp_path / "bigram"
-    result = train(run_config(data_section, out, model={"family": "test-bigram", "context_length": 16},
-                              lr=0.05, max_steps=30), progress=False)
+    result = train(plain_config(data_section, out, model={"family": "test-bigram", "context_length": 16},
+                                lr=0.05, max_steps=30), progress=False)
     assert result.summary["family"] == "test-bigram"
     assert result.summary["val"]["nll"] < math.log(512)
     assert picollm.load(str(out)).family == "test-bigram"
@@ -262,18 +145,12 @@ def run_in_subprocess(config: dict, faults: dict | None = None, wait: bool = Tru
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_section) -> dict[str, torch.Tensor]:
-    out = tmp_path_factory.mktemp("ref") / "run"
-    train(run_config(data_section, out, ckpt_interval=2, model=dict(TINY_MODEL, dropout=0.1)), progress=False)
-    return final_weights(out)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("point, step", [("inside_step", 5), ("during_eval", 8),
                                          ("between_weights_and_state", 6), ("before_rename", 4)])
-def test_fault_then_resume_is_bit_identical(tmp_path, data_section, uninterrupted, point, step):
+def test_fault_then_resume_is_bit_identical(tmp_path, data_section, reference_run, point, step):
     out = tmp_path / "run"
-    config = run_config(data_section, out, ckpt_interval=2, model=dict(TINY_MODEL, dropout=0.1))
+    config = run_config(data_section, out)
     proc = run_in_subprocess(config, {point: step})
     assert proc.returncode == 99, proc.stderr
     assert not (out / "final").exists()
@@ -283,7 +160,7 @@ def test_fault_then_resume_is_bit_identical(tmp_path, data_section, uninterrupte
         assert visible[-1] == f"step-{step - 2:08d}"
         picollm.load(str(out))  # resolves to the latest complete checkpoint
     train(config, progress=False)
-    resumed = final_weights(out)
+    resumed, uninterrupted = final_weights(out), final_weights(reference_run)
     assert resumed.keys() == uninterrupted.keys()
     for name in resumed:
         assert torch.equal(resumed[name], uninterrupted[name]), name
@@ -292,26 +169,10 @@ def test_fault_then_resume_is_bit_identical(tmp_path, data_section, uninterrupte
     assert steps == list(range(1, 13))  # no step logged twice after the resume
 
 
-def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tmp_path, data_section, uninterrupted):
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path, data_section, reference_run):
     out = tmp_path / "run"
-    config = run_config(data_section, out, ckpt_interval=2, model=dict(TINY_MODEL, dropout=0.1))
-    proc = run_in_subprocess(config, wait=False)
-    rng = random.Random()
-    deadline = time.time() + 120
-    while not (out / "checkpoints").is_dir() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 1.0))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    train(config, progress=False)
-    resumed = final_weights(out)
-    for name in resumed:
-        assert torch.equal(resumed[name], uninterrupted[name]), name
-
-
-def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path, data_section, uninterrupted):
-    out = tmp_path / "run"
-    config = run_config(data_section, out, ckpt_interval=0, model=dict(TINY_MODEL, dropout=0.1))
+    config = run_config(data_section, out, ckpt_interval=0)
     proc = run_in_subprocess(config, wait=False)
     deadline = time.time() + 120
     metrics = out / "metrics.jsonl"
@@ -324,15 +185,12 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path, data_section
     assert "interrupted by signal" in err
     assert len(list((out / "checkpoints").iterdir())) == 1
     train(config, progress=False)
-    resumed = final_weights(out)
+    resumed, uninterrupted = final_weights(out), final_weights(reference_run)
     for name in resumed:
         assert torch.equal(resumed[name], uninterrupted[name]), name
 
 
 def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, data_section, monkeypatch):
-    from picollm.training import step as step_module
-    from picollm.training import trainer as trainer_module
-
     calls = {"n": 0}
     real = step_module.model_loss
 
@@ -343,7 +201,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, data_section, monkey
 
     monkeypatch.setattr(step_module, "model_loss", poisoned)
     out = tmp_path / "run"
-    config = run_config(data_section, out, max_bad_steps=3, eval_interval=0, ckpt_interval=2)
+    config = plain_config(data_section, out, max_bad_steps=3, eval_interval=0, ckpt_interval=2)
     with pytest.raises(trainer_module.TrainingDiverged, match="3 steps in a row"):
         train(config, progress=False)
     # steps 3 and 4 were skipped (2 in a row, below the limit); the run stopped at the third of 7, 8, 9
@@ -356,14 +214,13 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, data_section, monkey
 # --- distributed ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ddp_follows_the_single_process_run(tmp_path, data_section):
-    single = run_config(data_section, tmp_path / "single", batch_size=8, max_steps=6, eval_interval=0,
-                        ckpt_interval=0)
+    single = plain_config(data_section, tmp_path / "single", batch_size=8, max_steps=6, eval_interval=0,
+                          ckpt_interval=0)
     train(single, progress=False)
-    ddp = run_config(data_section, tmp_path / "ddp", batch_size=4, max_steps=6, eval_interval=0, ckpt_interval=0)
+    ddp = plain_config(data_section, tmp_path / "ddp", batch_size=4, max_steps=6, eval_interval=0, ckpt_interval=0)
     cfg_path = tmp_path / "ddp.yaml"
-    import yaml
-
     cfg_path.write_text(yaml.safe_dump(ddp))
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -417,11 +274,12 @@ def read_wandb_history(path: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_wandb_offline_records_the_metrics_jsonl_values(tmp_path, data_section, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    train(run_config(data_section, out, wandb=True, wandb_run_name="t"), progress=False)
+    train(plain_config(data_section, out, wandb=True, wandb_run_name="t"), progress=False)
     files = list(out.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1
     history = read_wandb_history(files[0])
@@ -433,10 +291,8 @@ def test_wandb_offline_records_the_metrics_jsonl_values(tmp_path, data_section, 
 
 
 def test_dry_run_reports_parameters_tokens_flops_and_time(tmp_path, data_section, capsys):
-    cfg = from_dict(RunConfig, run_config(data_section, tmp_path / "dry"))
-    from picollm.training.trainer import dry_run
-
-    report = dry_run(cfg, measure_steps=2)
+    cfg = from_dict(RunConfig, plain_config(data_section, tmp_path / "dry"))
+    report = trainer_module.dry_run(cfg, measure_steps=2)
     assert report["steps"] == 12 and report["tokens"] == 12 * 4 * 32
     assert report["flops"] == report["flops_per_token"] * report["tokens"] > 0
     assert report["est_seconds"] > 0 and report["num_parameters"] > report["num_parameters_non_embedding"]
@@ -444,36 +300,13 @@ def test_dry_run_reports_parameters_tokens_flops_and_time(tmp_path, data_section
     assert not (tmp_path / "dry").exists()
 
 
-# --- hub ------------------------------------------------------------------------------------------
-
-
-def test_load_from_a_prepopulated_hub_cache_offline(tmp_path, data_section, monkeypatch):
-    out = tmp_path / "run"
-    train(run_config(data_section, out, max_steps=2, eval_interval=0), progress=False)
-    hf_home = tmp_path / "hf"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = hf_home / "hub" / "models--someone--pico-lm"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for f in (out / "final").iterdir():
-        (snapshot / f.name).write_bytes(f.read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HOME", str(hf_home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import importlib
-
-    import huggingface_hub.constants
-
-    importlib.reload(huggingface_hub.constants)
-    try:
-        model = picollm.load("someone/pico-lm")
-        assert model.tokenizer.name == "bpe:512"
-        reference = picollm.load(str(out))
-        for name, tensor in model.state_dict().items():
-            assert torch.equal(tensor, reference.state_dict()[name])
-        with pytest.raises(UserError, match="no cached copy"):
-            picollm.load("someone/missing-model")
-    finally:
-        monkeypatch.undo()
-        importlib.reload(huggingface_hub.constants)
+def test_progress_off_a_terminal_is_a_few_plain_lines(tmp_path, data_section, capsys):
+    """stderr is not a terminal here (a log file, CI): no carriage-return frame per step."""
+    train(plain_config(data_section, tmp_path / "run", eval_interval=0), progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    bar = [line for line in err.splitlines() if line.startswith("transformer run: ")]
+    # 12 steps in far less than 30 s: the line of the first step and the one of the last
+    assert len(bar) == 2, err
+    assert bar[0].startswith("transformer run: 1/12 step (8%)")
+    assert bar[1].startswith("transformer run: 12/12 step (100%)") and "loss=" in bar[1]
