@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -49,3 +51,13 @@ def logged_steps(out: Path) -> dict[str, list[int]]:
 def pickle_trap(marker: Path) -> bytes:
     """A pickle that creates `marker` when it is unpickled (as a malicious one would run anything)."""
     return b"c__builtin__\nopen\n(V" + str(marker).encode() + b"\nVw\ntR."
+
+
+def wait_for_train_rows(proc: subprocess.Popen, out: Path, rows: int = 2, timeout: float = 120) -> None:
+    """Until the run training in `proc` has logged `rows` training steps in out/metrics.jsonl (or it ended)."""
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and metrics.read_text().count('"train"') >= rows:
+            return
+        time.sleep(0.01)

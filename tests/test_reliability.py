@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import assert_same_weights, final_weights, logged_steps, pickle_trap, run_config
+from helpers import assert_same_weights, final_weights, logged_steps, pickle_trap, run_config, wait_for_train_rows
 from safetensors.torch import load_file
 
 import picollm
@@ -152,12 +152,7 @@ def test_sigint_through_the_cli_then_resume_is_bit_identical(tmp_path, data_sect
     proc = subprocess.Popen([sys.executable, "-m", "picollm", "train", "--config", str(config_file),
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env_one_thread(), cwd=tmp_path)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and metrics.read_text().count('"train"') >= 2:
-            break
-        time.sleep(0.01)
+    wait_for_train_rows(proc, out)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

@@ -10,13 +10,12 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import TINY_MODEL, final_weights, run_config
+from helpers import TINY_MODEL, final_weights, run_config, wait_for_train_rows
 from safetensors.torch import load_file
 
 import picollm
@@ -174,12 +173,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path, data_section
     out = tmp_path / "run"
     config = run_config(data_section, out, ckpt_interval=0)
     proc = run_in_subprocess(config, wait=False)
-    deadline = time.time() + 120
-    metrics = out / "metrics.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and metrics.read_text().count('"train"') >= 2:
-            break
-        time.sleep(0.02)
+    wait_for_train_rows(proc, out)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert "interrupted by signal" in err

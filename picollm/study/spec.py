@@ -13,6 +13,8 @@ A study YAML (the built-in one is `picollm/study/study.yaml`; docs/study.md docu
 
 Expansion resolves every run's config in this order (later wins): the preset's model fields, `base`,
 the budget's `set`, the block's `set`, the grid values, the budget's matching `rules`, the command line.
+
+(Over 400 lines because the schema and its expansion are one contract: each key's meaning is how it expands.)
 """
 
 from __future__ import annotations
