@@ -50,6 +50,25 @@ def test_schedule_warmup_then_cosine_to_min_lr():
     assert lr_at(99, total, lr, "constant", 0.1) == pytest.approx(lr)
 
 
+# --- the training state ---------------------------------------------------------------------------
+
+
+def test_training_state_reads_what_older_checkpoints_wrote():
+    from picollm.training.state import TrainState
+
+    # trainer_state.json's "progress" as picollm wrote it before TrainState: no final_* keys until the
+    # final evaluation had run
+    old = {"step": 8, "epoch": 1, "batch": 3, "tokens": 1024, "best_val_loss": 5.5, "evals_since_best": 1,
+           "bad_steps": 0, "skipped_steps": 2, "elapsed": 1.5}
+    state = TrainState.from_dict(old)
+    assert (state.step, state.batch, state.best_val_loss, state.final_eval_step, state.final_val_loss) == \
+        (8, 3, 5.5, None, None)
+    assert TrainState.from_dict(state.to_dict()) == state
+    assert TrainState.from_dict({**old, "final_eval_step": 12, "final_val_loss": 5.1, "later": 1}).final_eval_step == 12
+    with pytest.raises(KeyError, match="tokens, elapsed"):
+        TrainState.from_dict({**old, "tokens": "many", "elapsed": None})
+
+
 # --- training end to end --------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -33,7 +34,9 @@ def test_accumulated_micro_batches_take_the_step_of_their_concatenation():
     result = train_step(module_a, opt_a, micro, grad_clip=1.0)
     model_b, module_b, opt_b = make("sgd")
     whole = [(torch.cat([x for x, _ in micro]), torch.cat([y for _, y in micro]))]
+    before = time.perf_counter()
     single = train_step(module_b, opt_b, whole, grad_clip=1.0)
+    assert before < single.backward_end < time.perf_counter()  # forward + backward = backward_end - start
     assert result.tokens == single.tokens == 3 * 2 * 8 and not result.skipped
     assert result.loss.shape == () and result.loss.device.type == "cpu"  # a tensor: reading it is the caller's
     assert result.loss.item() == pytest.approx(single.loss.item(), rel=1e-6)

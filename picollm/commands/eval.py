@@ -9,13 +9,19 @@ over the split) with each strategy and reports distinct-1..5 and 4-gram repetiti
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+from picollm.data.prepared import SPLITS
+from picollm.device import DTYPE_CHOICES
+from picollm.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="RUN_OR_CHECKPOINT",
                         help="a run directory, a checkpoint directory or a Hugging Face repo id")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--split", default="test", choices=("train", "val", "test"),
+    where.add_argument("--split", default="test", choices=SPLITS,
                        help="a run's prepared split (default: test)")
     where.add_argument("--data", metavar="PATH",
                        help="evaluate on this file instead (any format prepare reads)")
@@ -27,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-length", type=int, default=None,
                         help="window length; default: the model's training context")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                         help="autocast dtype; auto = bf16 where the hardware runs it natively, else fp32")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     div = parser.add_argument_group("diversity")
@@ -43,7 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    from picollm.errors import UserError
 
     for flag, value in (("--batch-size", args.batch_size), ("--num-prompts", args.num_prompts),
                         ("--prompt-tokens", args.prompt_tokens)):
@@ -60,12 +65,9 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
 
     from picollm.checkpoint import load_model, resolve_checkpoint
     from picollm.device import resolve_device
-    from picollm.errors import UserError
     from picollm.evaluation import (
         diversity_eval,
         evaluate_tokens,

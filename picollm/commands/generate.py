@@ -8,8 +8,11 @@ continuation as it is generated; it needs a single continuation (one prompt, --n
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
-STRATEGIES = ("greedy", "top-p", "top-k", "sample")  # as picollm.generation.STRATEGIES
+from picollm.errors import UserError
+from picollm.generation import STRATEGIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,12 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import sys
 
     from picollm.checkpoint import load
     from picollm.device import resolve_device
-    from picollm.errors import UserError
     from picollm.generation import check_generation_args, check_prompt_text, generate
 
     check_generation_args(args.strategy, args.top_p, args.top_k, args.temperature, args.max_new_tokens,

@@ -9,6 +9,7 @@ family that hit a parameter target.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -56,7 +57,6 @@ def _dims(fields: dict[str, Any]) -> str:
 
 
 def _list(families: list[Any], vocab: int, fields: dict[str, Any]) -> dict[str, Any]:
-    import dataclasses
 
     from picollm.models.sizing import count_parameters
 

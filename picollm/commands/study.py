@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from picollm.errors import UserError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study", nargs="?", metavar="STUDY.yaml",
@@ -38,7 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_grid(items: list[str]) -> dict[str, list]:
     """['model.k=1,3,5'] -> {'model.k': [1, 3, 5]}."""
     from picollm.config import parse_value
-    from picollm.errors import UserError
 
     grid: dict[str, list] = {}
     for item in items:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -67,6 +68,7 @@ class StepResult:
     grad_norm: torch.Tensor  # the gradient's global norm before clipping (0-d, on the device)
     tokens: int  # target tokens of the step, on this process
     skipped: bool  # the update was skipped: the loss or the gradient was not finite
+    backward_end: float  # time.perf_counter() when the last backward returned (on a GPU: was queued)
 
 
 def train_step(module: nn.Module, optimizer: torch.optim.Optimizer,
@@ -96,6 +98,7 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer,
             loss = loss / tokens
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
+    backward_end = time.perf_counter()
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
@@ -114,4 +117,4 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer,
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, grad_norm, tokens, skipped)
+    return StepResult(loss_sum, grad_norm, tokens, skipped, backward_end)
