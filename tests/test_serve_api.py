@@ -298,7 +298,7 @@ BAD = {
     "top_p over 1": ({**X, "top_p": 1.5}, 400, ["'top_p'"], "top_p"),
     "top_p and top_k": ({**X, "top_p": 0.5, "top_k": 5}, 400, ["not both"], "top_k"),
     "logprobs over 20": ({**X, "logprobs": 21}, 400, ["'logprobs' must be at most 20"], "logprobs"),
-    "five stops": ({**X, "stop": list("abcde")}, 400, ["'stop' must be"], "stop"),
+    "seventeen stops": ({**X, "stop": [str(i) for i in range(17)]}, 400, ["'stop' must be"], "stop"),
     "negative seed": ({**X, "seed": -1}, 400, ["'seed' must be at least 0"], "seed"),
     "echo not a boolean": ({**X, "echo": "yes"}, 400, ["'echo' must be true or false"], "echo"),
     "unknown field": ({**X, "temprature": 1}, 400, ["unknown field 'temprature'"], "temprature"),

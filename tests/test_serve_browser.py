@@ -8,6 +8,7 @@ These tests skip only where the browser is missing (CI installs it: see .ci/run)
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -87,7 +88,7 @@ def test_side_by_side_generation_and_alternatives(page, tmp_path):
         assert "tokens" in column.locator(".status").inner_text()
     page.screenshot(path=str(tmp_path / "generate.png"))
 
-    token = columns.nth(1).locator(".tok").first
+    token = columns.nth(1).locator(".tok", has_text=re.compile(r"\S")).first  # not a bare line break
     token.hover()
     tip = page.locator("#tip")
     tip.wait_for(state="visible")
@@ -147,6 +148,8 @@ def test_scoring_colours_every_token_and_the_difference(page, tmp_path):
     assert any(c != "rgba(0, 0, 0, 0)" for c in coloured)
     columns.nth(0).locator(".tok").nth(3).hover()
     assert page.locator("#tip tr").count() == 10
+    page.mouse.move(1, 1)  # leaving the token closes its alternatives
+    assert page.locator("#tip").is_hidden()
     page.screenshot(path=str(tmp_path / "score.png"), full_page=True)
 
 

@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { models: [], selected: new Set(), controller: null, scores: [] };
+const state = { models: [], selected: new Set(), controller: null, scores: [], pinned: null };
 
 // ---------------------------------------------------------------------------------------------
 // talking to the server
@@ -102,7 +102,9 @@ function showTip(span) {
   head.textContent = `${info.model}: \u201c${visible(info.text)}\u201d \u2014 ${chosen}`;
   tip.append(head);
   const table = document.createElement("table");
-  for (const [label, logprob, id] of info.top || []) {
+  const top = info.top || [];
+  const largest = top.length ? Math.exp(top[0][1]) : 1;
+  for (const [label, logprob, id] of top) {
     const row = table.insertRow();
     const p = Math.exp(logprob);
     if (id === info.id) row.className = "chosen";
@@ -110,7 +112,7 @@ function showTip(span) {
     const barCell = row.insertCell();
     const bar = document.createElement("span");
     bar.className = "bar";
-    bar.style.width = Math.max(1, Math.round(p * 120)) + "px";
+    bar.style.width = Math.max(1, Math.round((p / largest) * 90)) + "px"; // relative to the likeliest
     barCell.append(bar);
     row.insertCell().textContent = (100 * p).toFixed(2) + "%";
   }
@@ -125,6 +127,7 @@ function showTip(span) {
 }
 
 function hideTip() {
+  state.pinned = null;
   $("tip").hidden = true;
   document.querySelectorAll(".tok.active").forEach((s) => s.classList.remove("active"));
 }
@@ -135,9 +138,11 @@ function tokenSpan(model, token) {
   span.textContent = token.text;
   span.tabIndex = 0;
   span.tokenInfo = { model, id: token.id, text: token.text, logprob: token.logprob, top: token.top };
+  // hover shows the alternatives while the pointer is on the token; a tap or click keeps them open
   span.addEventListener("mouseenter", () => showTip(span));
+  span.addEventListener("mouseleave", () => { if (state.pinned !== span) hideTip(); });
   span.addEventListener("focus", () => showTip(span));
-  span.addEventListener("click", (e) => { e.stopPropagation(); showTip(span); });
+  span.addEventListener("click", (e) => { e.stopPropagation(); state.pinned = span; showTip(span); });
   return span;
 }
 
@@ -406,7 +411,7 @@ document.addEventListener("DOMContentLoaded", () => {
     sessionStorage.setItem("picollm-api-key", e.target.value);
     loadModels();
   });
-  document.addEventListener("click", (e) => { if (!e.target.closest("#tip")) hideTip(); });
+  document.addEventListener("click", () => hideTip());
   document.addEventListener("keydown", (e) => { if (e.key === "Escape") hideTip(); });
   loadModels();
 });
