@@ -218,6 +218,6 @@ def create_app(catalog: Catalog, settings: Settings | None = None, engine: Engin
         if events and isinstance(events[-1], Failure):
             status, message, kind = _failure_message(events[-1], ", ".join(m.id for m in parsed.models))
             return _error(status, message, kind)
-        return events[-1] if events else _error(499, "cancelled")
+        return events[-1] if events else _error(499, "the client went away")
 
     return Guard(app, settings.api_key, settings.allowed_hosts, limits.max_body_bytes)

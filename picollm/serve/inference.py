@@ -170,10 +170,10 @@ class _Row:
         if stopped:
             self.finish = "stop"
             out = []
-            for t, end in self.pending:
+            for t, end in self.pending:  # the tokens before the stop sequence, the last one cut at it
                 start = end - len(t.text)
-                if start < safe or not out:
-                    t.text = t.text[:max(0, safe - start)]
+                if start < safe:
+                    t.text = t.text[:safe - start]
                     out.append(t)
             self.pending = []
             return out
