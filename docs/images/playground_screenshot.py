@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
+import threading
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-
-from serve_helpers import thread_server  # noqa: E402
-
-from picollm.serve.app import create_app  # noqa: E402
-from picollm.serve.catalog import load_catalog  # noqa: E402
+from picollm.serve.app import create_app
+from picollm.serve.catalog import load_catalog
+from picollm.serve.server import bind, url_of
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
@@ -32,10 +30,16 @@ def main() -> None:
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     args = parser.parse_args()
 
+    import uvicorn
     from playwright.sync_api import sync_playwright
 
-    app = create_app(load_catalog(args.runs))
-    with thread_server(app) as url, sync_playwright() as p:
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(load_catalog(args.runs)), log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    while not server.started:
+        time.sleep(0.02)
+    url = url_of(sock)
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1180, "height": 640})
         page.goto(url + "/")
@@ -53,6 +57,7 @@ def main() -> None:
                 break
         page.screenshot(path=args.out)
         browser.close()
+    server.should_exit = True
     print(args.out)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import sys
 from typing import Any
 
 from picollm.errors import UserError
@@ -44,11 +43,10 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def run_server(app: Any, sock: socket.socket, access_log: bool = True, log: Any = None) -> None:
+def run_server(app: Any, sock: socket.socket, access_log: bool = True) -> None:
     """Serve `app` on `sock` until SIGINT or SIGTERM."""
     import uvicorn
 
-    log = log if log is not None else sys.stderr
     config = uvicorn.Config(app, log_level="info" if access_log else "warning", access_log=access_log,
                             timeout_graceful_shutdown=3, lifespan="on")
     server = uvicorn.Server(config)
