@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("picollm.commands.compare", "tables and plots comparing any runs"),
     "bench": ("picollm.commands.bench", "measure training, evaluation and generation speed"),
     "push": ("picollm.commands.push", "upload a run's final checkpoint to the Hugging Face hub"),
+    "serve": ("picollm.commands.serve", "a local playground page and an OpenAI-compatible API over models"),
 }
 
 

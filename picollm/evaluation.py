@@ -23,6 +23,7 @@ The loss is `picollm.loss.linear_cross_entropy` over the model's features and ou
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,71 @@ def evaluate_tokens(model: Any, tokens: np.ndarray, context_length: int, batch_s
     bpb = None if used_bytes is None else total / math.log(2) / used_bytes
     return EvalResult(nll=nll, ppl=_ppl(nll), bpb=bpb, tokens=end, bytes=used_bytes, windows=windows,
                       dtype=dtype)
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities (nats) of every token of a stream but the first, each given the tokens before it
+    in its evaluation window (see `token_logprobs`)."""
+
+    logprobs: torch.Tensor  # [N - 1] float32: log p(tokens[t] | its window), t = 1 .. N-1
+    top_ids: torch.Tensor  # [N - 1, top_n] int64: the most likely tokens at each position, most likely first
+    top_logprobs: torch.Tensor  # [N - 1, top_n] float32: their log-probabilities
+
+
+def token_logprobs(model: Any, tokens: Any, context_length: int | None = None, top_n: int = 0,
+                   max_logits: int = 2**24, before_window: Callable[[], None] | None = None) -> TokenLogprobs:
+    """Per-token log-probabilities of a 1-D token stream, cut into windows exactly as `evaluate_tokens`
+    cuts it (non-overlapping windows of `context_length` inputs, each from an empty state), so that
+    `-logprobs.mean()` is `evaluate_tokens(model, tokens, context_length).nll` in fp32; and, with
+    `top_n`, the `top_n` most likely tokens at each position.
+
+    For scoring a text token by token (the server's echo and scoring endpoints), not a whole split:
+    the output layer runs in fp32 on blocks of at most `max_logits` logits, and a token's log-probability
+    and its position's alternatives come from the same log-softmax, so the chosen token's value equals
+    its entry among the alternatives. `before_window()` is called before each window (a server raises
+    from it to stop a request whose client has gone).
+    """
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).reshape(-1)
+    if len(ids) < 2:
+        raise UserError(f"the token stream has {len(ids)} token(s); log-probabilities need at least 2")
+    C = _context_of(model, context_length)
+    limit = getattr(model, "max_context", None)
+    if limit is not None and C > limit:
+        raise UserError(f"context length {C} is longer than the model's {limit} positions")
+    vocab = int(model.output_layer.weight.shape[0])
+    if int(ids.max()) >= vocab or int(ids.min()) < 0:
+        raise UserError(f"the stream holds token ids outside [0, {vocab}): it was tokenized with another tokenizer")
+    top_n = min(top_n, vocab)
+    device = model_device(model)
+    layer = model.output_layer
+    rows = max(1, max_logits // vocab)
+    n = len(ids) - 1
+    logprobs = torch.empty(n, dtype=torch.float32)
+    top_ids = torch.empty(n, top_n, dtype=torch.long)
+    top_values = torch.empty(n, top_n, dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for first in range(0, n, C):
+                if before_window is not None:
+                    before_window()
+                window = ids[first:min(first + C, n) + 1].to(device)
+                hidden = model.features(window[None, :-1])[0]
+                targets = window[1:]
+                for a in range(0, len(targets), rows):
+                    logits = torch.nn.functional.linear(hidden[a:a + rows].float(), layer.weight.float(),
+                                                        None if layer.bias is None else layer.bias.float())
+                    log_p = torch.log_softmax(logits, dim=-1)
+                    at = slice(first + a, first + a + len(log_p))
+                    logprobs[at] = log_p.gather(1, targets[a:a + rows, None])[:, 0].cpu()
+                    if top_n:
+                        values, best = log_p.topk(top_n, dim=-1)
+                        top_values[at], top_ids[at] = values.cpu(), best.cpu()
+    finally:
+        model.train(was_training)
+    return TokenLogprobs(logprobs, top_ids, top_values)
 
 
 # ---------------------------------------------------------------------------------------------

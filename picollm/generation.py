@@ -28,7 +28,8 @@ maxima. Samples of one call differ from each other; sampled tokens depend on the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -154,18 +155,24 @@ def _last_logits(model: Any, window: torch.Tensor) -> torch.Tensor:
 # token level
 
 
-def generate_ids(model: Any, prompt_ids: list[list[int]] | torch.Tensor, strategy: str = "greedy",
-                 top_p: float = 0.9, top_k: int = 50, temperature: float = 1.0, max_new_tokens: int = 200,
-                 num_samples: int = 1, seed: int = 0, stop_at_eot: bool = True, eot_id: int | None = None,
-                 on_token: Callable[[int, int], None] | None = None,
-                 use_cache: bool = True) -> list[list[int]]:
-    """Continue token prompts; returns the new token ids of every row (prompts excluded).
+@dataclass(frozen=True)
+class Step:
+    """One new token of one row, as `generate_steps` chooses it."""
 
-    Rows: `num_samples` per prompt, prompt-major (prompt 0's samples, then prompt 1's, ...).
-    `eot_id` defaults to the model's tokenizer's; the eot that stops a row is not returned.
-    `on_token(row, token_id)` is called for every new token as it is chosen (streaming).
-    `use_cache=False` recomputes the whole window at every step instead of using prefill/decode
-    (same tokens; the reference for tests and the benchmark's baseline).
+    row: int
+    token: int
+    logits: torch.Tensor  # [V] the model's logits it was chosen from, before temperature and filters
+
+
+def generate_steps(model: Any, prompt_ids: list[list[int]] | torch.Tensor, strategy: str = "greedy",
+                   top_p: float = 0.9, top_k: int = 50, temperature: float = 1.0, max_new_tokens: int = 200,
+                   num_samples: int = 1, seed: int = 0, stop_at_eot: bool = True, eot_id: int | None = None,
+                   use_cache: bool = True) -> Iterator[Step]:
+    """Continue token prompts, yielding each new token as it is chosen (see `generate_ids`).
+
+    A generator, so that a caller can stream tokens, read the logits behind each (log-probabilities,
+    alternatives) and stop early by closing it. Gradients are off around each model call only, not
+    across a `yield`, so several generators can be interleaved in one thread.
     """
     check_generation_args(strategy, top_p, top_k, temperature, max_new_tokens, num_samples)
     config = getattr(model, "config", None)
@@ -174,7 +181,7 @@ def generate_ids(model: Any, prompt_ids: list[list[int]] | torch.Tensor, strateg
     if eot_id is None:
         eot_id = getattr(getattr(model, "tokenizer", None), "eot_id", None)
     if max_new_tokens == 0:
-        return [[] for _ in range(len(prompts) * num_samples)]
+        return
     limit = getattr(model, "max_context", None)
     if limit is not None:
         prompts = [p[-limit:] for p in prompts]  # a prompt longer than the context: its last tokens
@@ -194,44 +201,45 @@ def generate_ids(model: Any, prompt_ids: list[list[int]] | torch.Tensor, strateg
         seq[i, :len(r)] = torch.tensor(r, dtype=torch.long)
     seq = seq.to(device)
 
-    out: list[list[int]] = [[] for _ in range(batch)]
+    new_tokens = [0] * batch
     done = [False] * batch
     was_training = model.training
     model.eval()
     try:
+        cur = shortest  # tokens in every row's state
+        state_len = shortest
+        window = seq[:, :shortest]
         with torch.no_grad():
-            cur = shortest  # tokens in every row's state
-            state_len = shortest
-            window = seq[:, :shortest]
             if use_cache:
                 logits, state = model.prefill(window)
             else:
                 logits = _last_logits(model, window)
-            while True:
+        while True:
+            with torch.no_grad():
                 chosen = _next_tokens(logits, strategy, top_p, top_k, temperature, generator).tolist()
-                feed = [pad] * batch
-                for i in range(batch):
-                    if cur < lengths[i]:
-                        feed[i] = rows[i][cur]
-                    elif not done[i]:
-                        tok = int(chosen[i])
-                        if stop_at_eot and eot_id is not None and tok == eot_id:
-                            done[i] = True
-                            continue
-                        out[i].append(tok)
-                        feed[i] = tok
-                        if on_token is not None:
-                            on_token(i, tok)
-                        if len(out[i]) >= max_new_tokens:
-                            done[i] = True
-                if all(done):
-                    break
-                feed_t = torch.tensor(feed, dtype=torch.long)
-                seq[:, cur] = feed_t.to(device)
-                cur += 1
-                overflow = limit is not None and state_len + 1 > limit
-                state_len = max(1, limit - 1) if overflow else state_len + 1
-                window = seq[:, cur - state_len:cur]
+            feed = [pad] * batch
+            for i in range(batch):
+                if cur < lengths[i]:
+                    feed[i] = rows[i][cur]
+                elif not done[i]:
+                    tok = int(chosen[i])
+                    if stop_at_eot and eot_id is not None and tok == eot_id:
+                        done[i] = True
+                        continue
+                    new_tokens[i] += 1
+                    feed[i] = tok
+                    yield Step(i, tok, logits[i])
+                    if new_tokens[i] >= max_new_tokens:
+                        done[i] = True
+            if all(done):
+                break
+            feed_t = torch.tensor(feed, dtype=torch.long)
+            seq[:, cur] = feed_t.to(device)
+            cur += 1
+            overflow = limit is not None and state_len + 1 > limit
+            state_len = max(1, limit - 1) if overflow else state_len + 1
+            window = seq[:, cur - state_len:cur]
+            with torch.no_grad():
                 if not use_cache:
                     logits = _last_logits(model, window)
                 elif overflow:
@@ -240,6 +248,30 @@ def generate_ids(model: Any, prompt_ids: list[list[int]] | torch.Tensor, strateg
                     logits, state = model.decode(window[:, -1], state)
     finally:
         model.train(was_training)
+
+
+def generate_ids(model: Any, prompt_ids: list[list[int]] | torch.Tensor, strategy: str = "greedy",
+                 top_p: float = 0.9, top_k: int = 50, temperature: float = 1.0, max_new_tokens: int = 200,
+                 num_samples: int = 1, seed: int = 0, stop_at_eot: bool = True, eot_id: int | None = None,
+                 on_token: Callable[[int, int], None] | None = None,
+                 use_cache: bool = True) -> list[list[int]]:
+    """Continue token prompts; returns the new token ids of every row (prompts excluded).
+
+    Rows: `num_samples` per prompt, prompt-major (prompt 0's samples, then prompt 1's, ...).
+    `eot_id` defaults to the model's tokenizer's; the eot that stops a row is not returned.
+    `on_token(row, token_id)` is called for every new token as it is chosen (streaming).
+    `use_cache=False` recomputes the whole window at every step instead of using prefill/decode
+    (same tokens; the reference for tests and the benchmark's baseline).
+    """
+    check_generation_args(strategy, top_p, top_k, temperature, max_new_tokens, num_samples)
+    prompts = _prompt_rows(prompt_ids, getattr(getattr(model, "config", None), "vocab_size", None))
+    out: list[list[int]] = [[] for _ in range(len(prompts) * num_samples)]
+    for step in generate_steps(model, prompts, strategy=strategy, top_p=top_p, top_k=top_k,
+                               temperature=temperature, max_new_tokens=max_new_tokens, num_samples=num_samples,
+                               seed=seed, stop_at_eot=stop_at_eot, eot_id=eot_id, use_cache=use_cache):
+        out[step.row].append(step.token)
+        if on_token is not None:
+            on_token(step.row, step.token)
     return out
 
 
