@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from picollm import rundir
+from picollm.checkpoint import load, load_model
 from picollm.errors import UserError
+from picollm.models.registry import get_family, model_config_to_dict
 
 STUDY_JSON = "study.json"  # as picollm.study.runner.STUDY_JSON (not imported: the runner pulls in the trainer)
-SUMMARY_JSON = "summary.json"
 LOAD_TRIES = 3
 
 
@@ -85,16 +87,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def run_checkpoint(run_dir: Path) -> Path:
     """final/ of a run, else best/ (a run still training); never a periodic checkpoint, which the
     trainer deletes as it goes."""
-    for name in ("final", "best"):
-        if (run_dir / name / "config.json").is_file():
+    for name in (rundir.FINAL, rundir.BEST):
+        if (run_dir / name / rundir.MODEL_CONFIG).is_file():
             return run_dir / name
     raise UserError(f"run {run_dir} has no final/ or best/ checkpoint yet; serve it once its first evaluation "
                     "has written best/")
 
 
 def _load_read_only(checkpoint: Path, device: Any) -> Any:
-    from picollm.checkpoint import load_model
-
     for attempt in range(LOAD_TRIES):
         try:
             return load_model(checkpoint, device=device)
@@ -106,8 +106,6 @@ def _load_read_only(checkpoint: Path, device: Any) -> Any:
 
 def _size(family: str, model_config: dict[str, Any]) -> str | None:
     """The preset whose fields the model's config has (e.g. 'pico'), or None."""
-    from picollm.models.registry import get_family
-
     try:
         presets = get_family(family).presets
     except UserError:
@@ -120,10 +118,8 @@ def _size(family: str, model_config: dict[str, Any]) -> str | None:
 
 def model_info(model: Any, run_dir: Path | None, tags: dict[str, Any] | None = None) -> dict[str, Any]:
     """The models table's row: family, size, parameters, tokenizer and the run's final metrics."""
-    from picollm.models.registry import model_config_to_dict
-
     config = model_config_to_dict(model.family, model.config)
-    summary = _read_json(run_dir / SUMMARY_JSON) if run_dir is not None else None
+    summary = _read_json(run_dir / rundir.SUMMARY) if run_dir is not None else None
     summary = summary or {}
     tags = tags or {}
 
@@ -173,11 +169,12 @@ def _study_runs(directory: Path, study: Study, skipped: list[str]) -> list[_Foun
         label = str(info.get("label") or run_dir.name)
         if labels.count(label) > 1 and info.get("seed") is not None:
             label = f"{label}-seed{info['seed']}"
-        summary = _read_json(run_dir / SUMMARY_JSON)
-        if not summary or summary.get("status") != "finished" or not (run_dir / "final" / "config.json").is_file():
+        summary = _read_json(run_dir / rundir.SUMMARY)
+        finished = bool(summary) and summary.get("status") == "finished"
+        if not finished or not (run_dir / rundir.FINAL / rundir.MODEL_CONFIG).is_file():
             skipped.append(f"{label}: not finished ({run_dir})")
             continue
-        found.append(_Found(label, run_dir / "final", run_dir, study, info.get("tags")))
+        found.append(_Found(label, run_dir / rundir.FINAL, run_dir, study, info.get("tags")))
     return found
 
 
@@ -186,8 +183,6 @@ def _looks_like_hub_id(text: str) -> bool:
 
 
 def _find(source: str, studies: list[Study], skipped: list[str]) -> list[_Found]:
-    from picollm.evaluation import find_run_dir
-
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / STUDY_JSON).is_file():
@@ -195,13 +190,13 @@ def _find(source: str, studies: list[Study], skipped: list[str]) -> list[_Found]
             study = Study(len(studies), str(record.get("title") or path.name), path.resolve())
             studies.append(study)
             return _study_runs(path, study, skipped)
-        if (path / "config.json").is_file():  # a checkpoint directory
-            run_dir = find_run_dir(path)
+        if (path / rundir.MODEL_CONFIG).is_file():  # a checkpoint directory
+            run_dir = rundir.find_run_dir(path)
             if run_dir is None:
                 return [_Found(path.resolve().name, path, None)]
-            name = run_dir.name if path.name == "final" else f"{run_dir.name}-{path.name}"
+            name = run_dir.name if path.name == rundir.FINAL else f"{run_dir.name}-{path.name}"
             return [_Found(name, path, run_dir)]
-        if (path / "config.yaml").is_file():  # a run directory
+        if (path / rundir.CONFIG).is_file():  # a run directory
             return [_Found(path.resolve().name, run_checkpoint(path), path)]
         raise UserError(f"{source} is neither a study (study.json), a run (config.yaml) nor a checkpoint "
                         "(config.json) directory")
@@ -240,8 +235,6 @@ def load_catalog(sources: list[str], device: Any = "cpu", log: Any = None) -> Ca
             if isinstance(f.checkpoint, Path):
                 model = _load_read_only(f.checkpoint, device)
             else:
-                from picollm.checkpoint import load
-
                 model = load(f.checkpoint, device=device)
         except UserError as exc:
             if f.study is None:

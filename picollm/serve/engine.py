@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from picollm.errors import UserError
+
 log = logging.getLogger("picollm.serve")
 
 
@@ -126,8 +128,6 @@ class Engine:
             outcome = "cancelled"
         except Exception as exc:  # reported to this job's consumer; the worker lives on
             outcome = "failed"
-            from picollm.errors import UserError
-
             if not isinstance(exc, UserError):
                 log.exception("a job failed")
             job.emit(Failure(exc))
