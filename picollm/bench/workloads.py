@@ -71,12 +71,6 @@ def picollm_step(model: torch.nn.Module, loss_module: torch.nn.Module, optimizer
     return value
 
 
-def full_logits_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The plain PyTorch loss: the whole [B, T, V] logits, then `F.cross_entropy`."""
-    logits = model(inputs)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
 def kgram_loop_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The classic starter-code k-gram, for comparison: a Python loop over batch items and positions;
     at each position the k context tokens are one-hot encoded ([k, k * (V + 1)], token i in position
@@ -104,10 +98,23 @@ def kgram_loop_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch
     return total / count
 
 
-def plain_step(loss_fn: Callable[..., torch.Tensor], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               x: torch.Tensor, y: torch.Tensor) -> float:
-    """`loss_fn` in fp32, backward, the optimizer: no clipping, no check."""
-    loss = loss_fn(model, x, y)
+def baseline_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+                  ) -> float:
+    """Plain PyTorch, written as a training loop usually is: the whole [B, T, V] logits, `F.cross_entropy`,
+    fp32, backward, the optimizer. `logits` stays referenced until the step ends, as in such a loop, so
+    the baseline's peak memory holds it through backward."""
+    logits = model(x)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def kgram_loop_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+                    ) -> float:
+    """`kgram_loop_loss` in fp32, backward, the optimizer."""
+    loss = kgram_loop_loss(model, x, y)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -124,10 +131,10 @@ def make_step(kind: str, model: torch.nn.Module, dtype: str = "fp32", chunk_toke
         if cfg.compile:
             module = torch.compile(module)
         return functools.partial(picollm_step, model, module, build_optimizer(model, cfg), cfg=cfg)
-    losses = {"baseline": full_logits_loss, "kgram_loop": kgram_loop_loss}
-    if kind not in losses:
+    steps = {"baseline": baseline_step, "kgram_loop": kgram_loop_step}
+    if kind not in steps:
         raise ValueError(f"unknown step kind {kind!r}; choose from {', '.join(STEP_KINDS)}")
-    return functools.partial(plain_step, losses[kind], model, torch.optim.AdamW(model.parameters(), lr=3e-4))
+    return functools.partial(steps[kind], model, torch.optim.AdamW(model.parameters(), lr=3e-4))
 
 
 # ---------------------------------------------------------------------------------------------
