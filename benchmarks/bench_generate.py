@@ -1,5 +1,8 @@
 """Generation speed: tokens/s with the incremental state (prefill + decode) vs recomputing the window.
 
+`picollm bench` measures one such row (transformer-small, batch 8) for its target; this script measures
+what the verb does not: any preset and family, several batch sizes, a GPU, and the `cache-linear` mode.
+
     python benchmarks/bench_generate.py                       # transformer-small, batch 1 and 8, 256 tokens
     python benchmarks/bench_generate.py --device cuda --batch-sizes 1,8,32 --json
 
@@ -25,8 +28,8 @@ import time
 
 import torch
 
+from picollm.bench.workloads import random_prompts, time_generation
 from picollm.evaluation import resolve_device
-from picollm.generation import generate_ids
 from picollm.models.base import LanguageModel
 from picollm.models.registry import build_model, preset_fields
 
@@ -42,22 +45,13 @@ def plain_projection():
         LanguageModel.next_token_logits = saved
 
 
-def measure(model, batch: int, prompt_tokens: int, new_tokens: int, use_cache: bool, repeats: int,
-            device: torch.device) -> float:
-    gen = torch.Generator().manual_seed(batch)
-    prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), generator=gen)
-    generate_ids(model, prompts, max_new_tokens=min(8, new_tokens), stop_at_eot=False, use_cache=use_cache)
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        out = generate_ids(model, prompts, max_new_tokens=new_tokens, stop_at_eot=False, use_cache=use_cache)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-        assert all(len(r) == new_tokens for r in out)
-    return batch * new_tokens / best
+def measure(model, batch: int, prompt_tokens: int, new_tokens: int, use_cache: bool, repeats: int) -> float:
+    """New tokens per second (all rows), best of `repeats`, after a short warm-up."""
+    prompts = random_prompts(model.config.vocab_size, batch, prompt_tokens)
+    time_generation(model, prompts, min(8, new_tokens), use_cache)
+    runs = [time_generation(model, prompts, new_tokens, use_cache) for _ in range(repeats)]
+    assert all(r["tokens"] == batch * new_tokens for r in runs)
+    return batch * new_tokens / min(r["seconds"] for r in runs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             with plain_projection() if mode == "cache-linear" else contextlib.nullcontext():
                 row[mode] = measure(model, batch, args.prompt_tokens, args.new_tokens, mode != "recompute",
-                                    args.repeats, device)
+                                    args.repeats)
             print(f"  batch {batch} {mode}: {row[mode]:,.1f} tokens/s", file=sys.stderr, flush=True)
         if "cache" in row and "recompute" in row:
             row["ratio"] = row["cache"] / row["recompute"]

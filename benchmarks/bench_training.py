@@ -1,14 +1,20 @@
 """Training speed variants and the fp32-vs-bf16 loss curve, for docs/performance.md.
 
+`picollm bench` compares picollm's step in one dtype with the plain baseline; this script measures what
+the verb does not: several variants side by side (dtypes, the OpenMP wait policy), and real training
+runs' loss curves.
+
     python benchmarks/bench_training.py speed [--presets pico,tiny] [--batch 16] [--reps 3]
-    python benchmarks/bench_training.py curve [--families transformer,lstm,kgram] [--steps 150]
+    python benchmarks/bench_training.py curve --data ../shared/data/tinystories-sample.txt
+        [--families transformer,lstm,kgram] [--steps 150]
 
 `speed`: for each family x preset at the GPT-2 vocabulary, the plain baseline (fp32, full logits), and
 picollm's step in fp32 and in bf16, each also with `OMP_WAIT_POLICY=PASSIVE` where named so: fresh
-worker processes per config stepping in turn (ABBA...), median step, peak RSS. It separates what the
+bench worker processes (`picollm.bench.worker`) per config stepping in turn (ABBA...), median step,
+peak RSS. It separates what the
 chunked loss, bf16 and the OpenMP wait policy each bring.
 
-`curve`: real short training runs on the TinyStories sample (GPT-2 tokenizer) with `picollm.train`, the
+`curve`: real short training runs on `--data` (the TinyStories sample; GPT-2 tokenizer) with `picollm.train`, the
 same recipe in fp32 (seeds 0 and 1: the seed-to-seed difference is the noise) and in bf16 (seed 0);
 prints the train and validation losses side by side, and re-evaluates every final model in fp32 on the
 validation split so that the comparison does not depend on the evaluation dtype.
@@ -24,10 +30,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from picollm.bench import Worker, alternate, default_sample, model_spec
+from picollm.bench.worker import Worker, WorkerSpec, alternate
+from picollm.bench.workloads import model_spec
+from picollm.checkpoint import load_model
+from picollm.config import DataConfig, from_dict
+from picollm.data.prepare import prepare
+from picollm.evaluation import evaluate_tokens
+from picollm.models.registry import preset_fields
+from picollm.training.trainer import train
 
 # idle OpenMP threads sleep instead of spinning: a win when other jobs share the cores, a loss on an idle
-# machine (3x slower for the LSTM at a small vocabulary), so picollm leaves it to the user
+# machine (docs/performance.md has the figures), so picollm leaves it to the user
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
 DEFAULT = {"OMP_WAIT_POLICY": None}
 VARIANTS = {
@@ -50,9 +63,9 @@ def speed(args: argparse.Namespace) -> list[dict]:
             try:
                 for name in names:
                     kind, dtype, env = VARIANTS[name]
-                    workers[name] = Worker({"kind": kind, "model": spec, "batch": args.batch, "context": args.context,
-                                            "dtype": dtype, "chunk_tokens": args.chunk_tokens, "threads": args.threads,
-                                            "env": env, "seed": 0})
+                    workers[name] = Worker(WorkerSpec(kind=kind, model=spec, batch=args.batch, context=args.context,
+                                                      dtype=dtype, chunk_tokens=args.chunk_tokens,
+                                                      threads=args.threads, env=env))
                 steps = alternate(workers, "step", args.reps)
                 row = {"family": family, "preset": preset, "vocab": args.vocab, "batch": args.batch}
                 for name, replies in steps.items():
@@ -71,9 +84,6 @@ def speed(args: argparse.Namespace) -> list[dict]:
 
 
 def _run(family: str, preset: str, dtype: str, seed: int, args: argparse.Namespace, root: Path, data: dict) -> dict:
-    from picollm.models.registry import preset_fields
-    from picollm.training.trainer import train
-
     out = root / f"{family}-{preset}-{dtype}-s{seed}"
     cfg = {"data": data, "model": preset_fields(f"{family}-{preset}"),
            "train": {"batch_size": args.batch, "max_steps": args.steps, "eval_interval": args.eval_interval,
@@ -90,20 +100,15 @@ def _run(family: str, preset: str, dtype: str, seed: int, args: argparse.Namespa
 
 
 def _fp32_val(run_dir: str, data_cfg: dict) -> float:
-    from picollm.checkpoint import load_model
-    from picollm.config import DataConfig, from_dict
-    from picollm.data.prepare import prepare
-    from picollm.evaluation import evaluate_tokens
-
     model = load_model(Path(run_dir) / "final")
     prepared = prepare(from_dict(DataConfig, data_cfg), progress=False)
     return evaluate_tokens(model, prepared.tokens("val"), 256, batch_size=16, dtype="fp32").nll
 
 
 def curve(args: argparse.Namespace) -> list[dict]:
-    sample = Path(args.data) if args.data else default_sample()
-    if sample is None:
-        sys.exit("no data: pass --data PATH (the TinyStories sample)")
+    sample = Path(args.data)
+    if not sample.is_file():
+        sys.exit(f"--data: no such file {sample}")
     root = Path(args.out or tempfile.mkdtemp(prefix="picollm-curve-"))
     data = {"data": str(sample), "tokenizer": "gpt2", "cache_dir": str(root / "cache")}
     results = []
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--batch", type=int, default=16)
     c.add_argument("--lr", type=float, default=1e-3)
     c.add_argument("--eval-interval", type=int, default=25)
-    c.add_argument("--data", default=None)
+    c.add_argument("--data", required=True, metavar="PATH", help="the text to train on (the TinyStories sample)")
     c.add_argument("--out", default=None, help="where the runs go (default: a temporary folder, kept)")
     for p in (s, c):
         p.add_argument("--json", default=None, help="also write the figures to this file")

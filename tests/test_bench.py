@@ -1,20 +1,25 @@
-"""`picollm bench` and the fast loss paths: correctness only (no timing assertions)."""
+"""`picollm bench`: what its paths compute, its worker protocol, targets and output (no timing assertions)."""
 
 from __future__ import annotations
 
+import io
 import json
+import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from picollm import loss as loss_mod
-from picollm.bench import kgram_loop_loss
+from picollm.bench.markdown import markdown
+from picollm.bench.targets import cpu_targets, target
+from picollm.bench.worker import Worker, WorkerError, WorkerSpec, serve
+from picollm.bench.workloads import kgram_loop_loss, make_step
 from picollm.cli import main
-from picollm.loss import block_rows, linear_cross_entropy, model_loss, release_workspace
+from picollm.loss import model_loss
 from picollm.models.registry import build_model
 
-# --- the k-gram reference loop ----------------------------------------------------------------------
+TOY_LSTM = {"family": "lstm", "embed_dim": 8, "hidden_size": 8, "vocab_size": 50, "context_length": 8}
+
+# --- what the compared paths compute ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("input_kind", ["onehot", "scaled"])
@@ -37,105 +42,104 @@ def test_kgram_loop_reference_equals_the_vectorised_model(input_kind):
         assert torch.allclose(p.grad, want[name], atol=1e-6), name
 
 
-# --- the chunked loss: paths beyond test_training's --------------------------------------------------
+def test_picollm_and_baseline_steps_train_the_same_objective():
+    """In fp32, from the same initialisation, both steps report the model's mean next-token loss, and
+    each updates the parameters."""
+    x = torch.randint(0, 50, (2, 8))
+    y = torch.randint(0, 50, (2, 8))
+    losses = {}
+    for kind in ("picollm", "baseline"):
+        torch.manual_seed(0)
+        model = build_model(TOY_LSTM)
+        want = model_loss(model, x, y).item()
+        before = model.output_layer.weight.detach().clone()
+        losses[kind] = make_step(kind, model, dtype="fp32", chunk_tokens=5)(x, y)
+        assert not torch.equal(before, model.output_layer.weight)
+        assert all(p.grad is None for p in model.parameters())  # gradients cleared for the next step
+    assert losses["picollm"] == pytest.approx(want, abs=1e-5)
+    assert losses["baseline"] == pytest.approx(want, abs=1e-5)
 
 
-def _plain(h, w, t, b=None, reduction="mean"):
-    return F.cross_entropy(F.linear(h, w, b).float(), t, reduction=reduction)
+def test_make_step_rejects_an_unknown_kind():
+    with pytest.raises(ValueError, match="unknown step kind 'fast'"):
+        make_step("fast", build_model(TOY_LSTM))
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_multi_block_bias_and_uneven_last_block(monkeypatch, with_bias):
-    """Blocks capped on the CPU (here to 16 rows), 50 rows: 4 blocks, the last one short."""
-    monkeypatch.setattr(loss_mod, "MIN_BLOCK_ROWS", 16)
-    monkeypatch.setattr(loss_mod, "CPU_BLOCK_BYTES", 16 * 4 * 100)
-    assert block_rows(50, 100, 4096, torch.device("cpu")) == 16
-    h = torch.randn(50, 12, requires_grad=True)
-    w = torch.randn(100, 12, requires_grad=True)
-    b = torch.randn(100, requires_grad=True) if with_bias else None
-    t = torch.randint(0, 100, (50,))
-    got = linear_cross_entropy(h, w, t, b)
-    got.backward()
-    grads = [x.grad.clone() for x in (h, w, b) if x is not None]
-    for x in (h, w, b):
-        if x is not None:
-            x.grad = None
-    want = _plain(h, w, t, b)
-    want.backward()
-    assert abs(got.item() - want.item()) < 1e-5
-    for g, x in zip(grads, [x for x in (h, w, b) if x is not None]):
-        assert torch.allclose(g, x.grad, atol=1e-6)
+# --- the worker protocol --------------------------------------------------------------------------
 
 
-def test_block_rows_cap_only_on_cpu():
-    assert block_rows(100_000, 50257, 4096, torch.device("cpu")) == \
-        max(loss_mod.MIN_BLOCK_ROWS, loss_mod.CPU_BLOCK_BYTES // (4 * 50257))
-    assert block_rows(100_000, 4096, 4096, torch.device("cpu")) == 4096
-    assert block_rows(100_000, 50257, 4096, torch.device("meta")) == 4096
-    assert block_rows(10, 50257, 4096, torch.device("cpu")) == 10
+def _serve(*commands: dict) -> list[dict]:
+    out = io.StringIO()
+    assert serve(io.StringIO("".join(json.dumps(c) + "\n" for c in commands)), out) == 0
+    return [json.loads(line) for line in out.getvalue().splitlines()]
 
 
-def test_no_grad_gives_the_same_loss_without_a_graph():
-    """Evaluation (no autograd) computes only the loss, and the same one."""
-    h = torch.randn(30, 8, requires_grad=True)
-    w = torch.randn(50, 8, requires_grad=True)
-    b = torch.randn(50, requires_grad=True)
-    t = torch.randint(0, 50, (30,))
-    with_grad = linear_cross_entropy(h, w, t, b, chunk_tokens=7, reduction="sum")
-    with torch.no_grad():
-        without = linear_cross_entropy(h, w, t, b, chunk_tokens=7, reduction="sum")
-    assert without.grad_fn is None and not without.requires_grad
-    assert torch.allclose(with_grad.detach(), without, atol=1e-5)
-    assert torch.allclose(without, _plain(h, w, t, b, "sum").detach(), atol=1e-4)
+def test_worker_answers_one_line_per_command_in_process():
+    init = {"op": "init", "kind": "baseline", "model": TOY_LSTM, "batch": 2, "context": 8, "time_backward": True}
+    replies = _serve({"op": "stats"}, init, {"op": "step"}, {"op": "step", "rows": 1}, {"op": "eval"},
+                     {"op": "stats"}, {"op": "teleport"}, {"op": "quit"}, {"op": "step"})
+    assert len(replies) == 7  # nothing after quit
+    assert replies[0] == {"ok": False, "error": "RuntimeError: op 'stats' before init",
+                          "traceback": replies[0]["traceback"]}
+    assert replies[1]["ok"] and replies[1]["rss_mb"] > 0
+    for step in replies[2:4]:
+        assert step["ok"] and math.isfinite(step["loss"])
+        assert 0 < step["fwd_bwd_seconds"] <= step["seconds"]
+    assert replies[4]["tokens"] == 2 * 8 and math.isfinite(replies[4]["nll"])
+    assert replies[5]["peak_rss_mb"] >= replies[5]["rss_ready_mb"] > 0
+    assert not replies[6]["ok"] and "unknown op 'teleport'" in replies[6]["error"]
 
 
-def test_float64_stays_float64():
-    h = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
-    t = torch.randint(0, 11, (9,))
-    got = linear_cross_entropy(h, w, t, chunk_tokens=4)
-    assert got.dtype == torch.float64
-    got.backward()
-    g = h.grad.clone()
-    h.grad = None
-    _plain(h, w, t).backward()
-    assert torch.allclose(g, h.grad, atol=1e-12)
+@pytest.mark.slow
+def test_worker_process_reports_a_failed_init():
+    with pytest.raises(WorkerError, match="unknown worker kind 'nonsense'"):
+        Worker(WorkerSpec(kind="nonsense"))
 
 
-def test_bf16_autocast_matches_the_plain_path_under_autocast():
-    """Under autocast the matmuls run in bf16 and the softmax in fp32, as autocast does for the plain
-    path: the two agree to bf16 precision, and the gradients keep the parameters' dtypes."""
-    torch.manual_seed(0)
-    h = torch.randn(40, 16, requires_grad=True)
-    w = (torch.randn(300, 16) * 0.3).requires_grad_()
-    b = torch.randn(300, requires_grad=True)
-    t = torch.randint(0, 300, (40,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = linear_cross_entropy(h, w, t, b, chunk_tokens=16)
-    got.backward()
-    grads = [h.grad.clone(), w.grad.clone(), b.grad.clone()]
-    assert [g.dtype for g in grads] == [torch.float32] * 3
-    h.grad = w.grad = b.grad = None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        want = F.cross_entropy(F.linear(h, w, b).float(), t)
-    want.backward()
-    assert abs(got.item() - want.item()) < 2e-2 * abs(want.item())
-    for g, x in zip(grads, (h, w, b)):
-        assert torch.allclose(g, x.grad, atol=2e-2 * x.grad.abs().max().item() + 1e-4)
+# --- targets and Markdown -------------------------------------------------------------------------
 
 
-def test_workspace_is_reused_and_resized_correctly():
-    release_workspace()
-    for V in (64, 512, 32):  # grows, then a smaller call reuses the larger buffer
-        h = torch.randn(20, 8, requires_grad=True)
-        w = torch.randn(V, 8, requires_grad=True)
-        t = torch.randint(0, V, (20,))
-        got = linear_cross_entropy(h, w, t, chunk_tokens=6)
-        assert abs(got.item() - _plain(h, w, t).item()) < 1e-5
-    release_workspace()
+def test_targets_pass_at_the_threshold_and_fail_past_it_or_on_nan():
+    assert target("t", 2.0, 2.0)["pass"] and not target("t", 1.99, 2.0)["pass"]
+    assert target("m", 0.5, 0.5, higher_is_better=False)["pass"]
+    assert not target("m", 0.51, 0.5, higher_is_better=False)["pass"]
+    assert not target("t", float("nan"), 2.0)["pass"]
+    assert target("t", 2.123456, 2.0) == {"name": "t", "value": 2.1235, "threshold": 2.0, "comparison": ">=",
+                                          "unit": "x", "pass": True, "detail": ""}
 
 
-# --- the command -------------------------------------------------------------------------------------
+def _row(family, preset, vocab, speedup):
+    return {"family": family, "preset": preset, "vocab": vocab, "batch": 16, "context": 256,
+            "flops_per_token": 9.7e6, "speedup": speedup, "memory_ratio": 0.25, "eval_over_train": 1.5,
+            "picollm": {"tokens_per_s": 2000 * speedup, "peak_rss_mb": 800, "mfu": 0.2},
+            "baseline": {"tokens_per_s": 2000, "peak_rss_mb": 3200, "mfu": 0.1},
+            "eval": {"tokens_per_s": 3000 * speedup}}
+
+
+def test_cpu_targets_read_the_target_presets_at_the_target_vocabulary():
+    result = {"configs": [_row("lstm", "pico", 50257, 3.0), _row("lstm", "small", 50257, 1.0),
+                          _row("lstm", "pico", 4096, 1.0)],
+              "generation": [{"preset": "pico", "ratio": 1.2}, {"preset": "small", "ratio": 13.0, "batch": 8,
+                                                                  "prompt_tokens": 1, "new_tokens": 255,
+                                                                  "cache_tokens_per_s": 520.0,
+                                                                  "recompute_tokens_per_s": 40.0}]}
+    got = {t["name"]: t["pass"] for t in cpu_targets(result)}
+    assert got == {"train_speedup[lstm-pico]": True, "peak_memory_ratio[lstm-pico]": True,
+                   "eval_over_train[lstm-pico]": False, "generation_cache_speedup[transformer-small]": True}
+
+
+def test_markdown_tables_hold_the_figures_and_the_verdicts():
+    result = {"machine": {"cpu": "CPU X", "cpus": 2, "isa": ["avx2"], "torch": "2.13"},
+              "settings": {"batch_size": 16, "context": 256, "threads_used": 2, "picollm_dtype": "bf16"},
+              "date": "2026-01-01", "elapsed_s": 12, "configs": [_row("kgram", "tiny", 50257, 3.5)]}
+    result["targets"] = cpu_targets(result)
+    text = markdown(result)
+    assert "| kgram-tiny | 50257 | 9.7 M | 7,000 | 20% | 800 | 2,000 | 10% | 3,200 | 3.50x | 0.25 |" in text
+    assert "| train_speedup[kgram-tiny] | 3.5 | >= 2 | PASS |" in text
+    assert "| eval_over_train[kgram-tiny] | 1.5 | >= 2 | FAIL |" in text
+
+
+# --- the command ----------------------------------------------------------------------------------
 
 
 def test_bench_rejects_unknown_parts(capsys):
@@ -143,12 +147,26 @@ def test_bench_rejects_unknown_parts(capsys):
     assert "--skip: unknown part" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_bench_tiny_mode_emits_the_json_schema(tmp_path):
-    """A toy run of the whole command (toy widths, 2 x 16 tokens): every part reports, every target has
-    its fields. The figures themselves are not checked."""
+def test_bench_rejects_a_missing_data_file(tmp_path, capsys):
+    assert main(["bench", "--data", str(tmp_path / "absent.txt")]) == 2
+    assert f"--data: no such file {tmp_path / 'absent.txt'}" in capsys.readouterr().err
+
+
+def test_bench_without_data_skips_preparation_and_says_so(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--tiny", "--families", "transformer,kgram", "--skip", "prepare",
+    assert main(["bench", "--tiny", "--skip", "train,eval,generate,kgram,gpu", "--json", str(out)]) == 0
+    assert "data preparation: skipped (no --data PATH given" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["data_preparation"] == {"skipped": "no --data PATH given"}
+    assert data["targets"] == [] and "configs" not in data
+
+
+@pytest.mark.slow
+def test_bench_tiny_mode_emits_the_json_schema(tmp_path, sample_path):
+    """A toy run of the whole command (toy widths, 2 x 16 tokens, the sample prepared with gpt2): every
+    part reports, every target has its fields. The figures themselves are not checked."""
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--tiny", "--families", "transformer,kgram", "--data", str(sample_path),
                  "--json", str(out)])
     assert code == 0
     data = json.loads(out.read_text())
@@ -164,26 +182,11 @@ def test_bench_tiny_mode_emits_the_json_schema(tmp_path):
         assert row["eval"]["tokens_per_s"] > 0
     assert data["generation"][0]["cache_tokens_per_s"] > 0
     assert data["kgram_loop"]["loop_fwd_bwd_tokens_per_s"] > 0 and data["kgram_loop"]["speedup"] > 0
+    [prep] = data["data_preparation"]
+    assert prep["tokenizer"] == "gpt2" and 0 < prep["bytes"] <= sample_path.stat().st_size
+    assert prep["tokens"] > 0 and prep["mb_per_s"] > 0
     names = [t["name"] for t in data["targets"]]
     assert "train_speedup[transformer-pico]" in names and "kgram_vectorised_over_loop" in names
-    for target in data["targets"]:
-        assert set(target) >= {"name", "value", "threshold", "pass"}
-        assert isinstance(target["pass"], bool)
-
-
-def test_chunked_loss_traces_under_torch_compile():
-    """The trainer's `compile: true` (and the GPU benchmark) compile `LossModule`: dynamo must trace the
-    chunked loss (no workspace side effects, no aliased gradients) and give the eager result."""
-    from picollm.training.trainer import LossModule
-
-    torch.manual_seed(0)
-    model = build_model({"family": "lstm", "embed_dim": 8, "hidden_size": 8, "vocab_size": 60, "context_length": 8})
-    x = torch.randint(0, 60, (2, 8))
-    y = torch.randint(0, 60, (2, 8))
-    compiled = torch.compile(LossModule(model, 5), backend="aot_eager", fullgraph=False)
-    (compiled(x, y) / 16).backward()
-    got = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    (model_loss(model, x, y, chunk_tokens=5, reduction="sum") / 16).backward()
-    for name, p in model.named_parameters():
-        assert torch.allclose(got[name], p.grad, atol=1e-6), name
+    for target_ in data["targets"]:
+        assert set(target_) >= {"name", "value", "threshold", "pass"}
+        assert isinstance(target_["pass"], bool)

@@ -1,14 +1,17 @@
 """`picollm bench [--quick] [--json PATH]`: training, evaluation, generation and data-preparation speed,
 picollm against a plain PyTorch baseline measured alternately in the same run, with PASS/FAIL targets.
 
-See `picollm/bench.py` for what is measured and docs/performance.md for the latest figures.
+See `picollm/bench/` for what is measured and docs/performance.md for the latest figures.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-PARTS = ("train", "eval", "generate", "kgram", "prepare", "gpu")
+from picollm.bench.options import FAMILIES, PARTS, VOCABS, Options, quick_options
+from picollm.errors import UserError
+from picollm.models.registry import PRESET_NAMES
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -34,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="picollm's loss chunk (default: the trainer's train.loss_chunk_tokens)")
     parser.add_argument("--skip", type=_csv, default=(), help=f"parts to leave out: {','.join(PARTS)}")
     parser.add_argument("--data", metavar="PATH", default=None,
-                        help="text to prepare for the MB/s figure (default: the TinyStories sample beside the repo)")
+                        help="text to prepare for the MB/s figure, e.g. the TinyStories sample "
+                             "(without it, the data-preparation part is skipped)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="cpu: every CPU target; cuda: bf16 + compile for the small and base Transformers")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="cuda: leave out torch.compile")
@@ -44,10 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: toy models, seconds
 
 
-def options_from_args(args: argparse.Namespace):
-    from picollm.bench import Options, quick_options
-    from picollm.errors import UserError
-
+def options_from_args(args: argparse.Namespace) -> Options:
     unknown = [p for p in args.skip if p not in PARTS]
     if unknown:
         raise UserError(f"--skip: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
@@ -55,6 +56,8 @@ def options_from_args(args: argparse.Namespace):
                         ("--context", args.context), ("--gpu-batch", args.gpu_batch)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.data is not None and not Path(args.data).is_file():
+        raise UserError(f"--data: no such file {args.data}; pass a text file to prepare (the TinyStories sample)")
     fields = {"context": args.context, "threads": args.threads, "dtype": args.dtype, "device": args.device,
               "skip": tuple(args.skip), "data": args.data,
               "chunk_tokens": args.chunk_tokens, "gpu_batch": args.gpu_batch, "gpu_compile": args.compile}
@@ -64,15 +67,13 @@ def options_from_args(args: argparse.Namespace):
             fields[name] = value
     if args.tiny:
         fields.update(tiny_smoke=True, gen_presets=("pico",), gen_new_tokens=4, gen_prompt_tokens=4,
-                      kgram_loop_batch=1, kgram_loop_context=4, context=min(args.context, 16), target_vocab=4096)
+                      kgram_loop_batch=1, kgram_loop_context=4, context=min(args.context, 16), target_vocab=4096,
+                      prepare_tokenizers=("gpt2",))
         fields.setdefault("presets", ("pico",))
         fields.setdefault("vocabs", ("bpe:4096",))
         fields.setdefault("batch_size", 2)
         fields.setdefault("reps", 1)
     opts = quick_options(**fields) if args.quick else Options(**fields)
-    from picollm.bench import FAMILIES, VOCABS
-    from picollm.models.registry import PRESET_NAMES
-
     for fam in opts.families:
         if fam not in FAMILIES:
             raise UserError(f"--families: unknown family '{fam}'; choose from {', '.join(FAMILIES)}")
@@ -87,15 +88,14 @@ def options_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
-    from picollm.bench import run_bench
-    from picollm.errors import UserError
+    import torch
+
+    from picollm.bench.markdown import markdown
+    from picollm.bench.suite import run_bench
 
     opts = options_from_args(args)
     if args.device == "cuda":
-        import torch
-
         if not torch.cuda.is_available():
             raise UserError("--device cuda: CUDA is not available here")
     result = run_bench(opts)
@@ -105,8 +105,6 @@ def run(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {path}")
     if args.markdown:
-        from picollm.bench import markdown
-
         Path(args.markdown).write_text(markdown(result) + "\n", encoding="utf-8")
         print(f"wrote {args.markdown}")
     if args.strict and not all(t["pass"] for t in result["targets"]):
