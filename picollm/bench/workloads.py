@@ -8,7 +8,6 @@ in fresh processes and in turn, is the worker's and the suite's job.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,10 +19,10 @@ from picollm.bench.machine import children_peak_rss_mb, cpu_seconds, peak_rss_mb
 from picollm.config import DataConfig, TrainConfig
 from picollm.data.prepare import prepare
 from picollm.data.tokenizer import get_tokenizer
-from picollm.device import autocast, model_device
+from picollm.device import model_device
 from picollm.generation import generate_ids
 from picollm.models.registry import build_model, preset_fields
-from picollm.training.trainer import LossModule, build_optimizer
+from picollm.training.step import LossModule, build_optimizer, train_step
 
 Step = Callable[[torch.Tensor, torch.Tensor], float]
 STEP_KINDS = ("picollm", "baseline", "kgram_loop")
@@ -54,21 +53,12 @@ def model_facts(spec: dict[str, Any], context: int) -> dict[str, Any]:
 # the training steps being compared
 
 
-def picollm_step(model: torch.nn.Module, loss_module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> float:
-    """One step of picollm's trainer: `LossModule` (chunked loss, sum) / tokens under the trainer's
-    autocast (`cfg.dtype`, already resolved), backward, gradient clipping, the non-finite check, the
-    trainer's optimizer. Returns the loss."""
-    with autocast(x.device, cfg.dtype):
-        loss = loss_module(x, y)
-    loss = loss / y.numel()
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-    value = loss.item()
-    if math.isfinite(value) and torch.isfinite(norm).item():
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return value
+def picollm_step(loss_module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                 y: torch.Tensor, cfg: TrainConfig) -> float:
+    """One step of picollm's trainer, the trainer's own `train_step`: `LossModule` (chunked loss) under the
+    trainer's autocast (`cfg.dtype`, already resolved), backward, gradient clipping, the non-finite check,
+    the trainer's optimizer. Returns the loss."""
+    return train_step(loss_module, optimizer, [(x, y)], dtype=cfg.dtype, grad_clip=cfg.grad_clip).loss.item()
 
 
 def kgram_loop_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -130,7 +120,7 @@ def make_step(kind: str, model: torch.nn.Module, dtype: str = "fp32", chunk_toke
         module = LossModule(model, cfg.loss_chunk_tokens)
         if cfg.compile:
             module = torch.compile(module)
-        return functools.partial(picollm_step, model, module, build_optimizer(model, cfg), cfg=cfg)
+        return functools.partial(picollm_step, module, build_optimizer(model, cfg), cfg=cfg)
     steps = {"baseline": baseline_step, "kgram_loop": kgram_loop_step}
     if kind not in steps:
         raise ValueError(f"unknown step kind {kind!r}; choose from {', '.join(STEP_KINDS)}")
