@@ -642,7 +642,7 @@ class _Trainer:
                   file=sys.stderr)
         barrier(d)
         if t.push_to_hub and d.is_main:
-            from picollm.hub import push
+            from picollm.export.hf import push
 
             push(out, t.push_to_hub)
         return RunResult(out, summary, model)
