@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     out = export_hf(args.model, args.out, dtype=args.dtype, force=args.force, layout=args.layout,
                     verify=args.verify)
     layout = json.loads((out / "config.json").read_text(encoding="utf-8"))["picollm"]["layout"]
-    how = "GPT2LMHeadModel, no remote code" if layout == "gpt2" else "custom model code (load it with trust_remote_code)"
+    how = "GPT2LMHeadModel, no remote code" if layout == "gpt2" else "custom code (load with trust_remote_code)"
     print(f"{out}: {args.dtype} weights, {how}{', verified with transformers' if args.verify else ''}; "
           f"see {out / 'README.md'}")
     return 0

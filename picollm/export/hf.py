@@ -24,7 +24,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from picollm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, file_record, load_model, write_dir_atomic
+from picollm.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    file_record,
+    load_model,
+    model_config_dict,
+    write_dir_atomic,
+)
 from picollm.errors import UserError
 from picollm.export import gpt2
 from picollm.export.layout import FORMAT_VERSION, SECTION
@@ -181,8 +188,6 @@ def export_hf(path: str | Path, out: str | Path, dtype: str = "fp32", force: boo
     check_out_dir(out, source.checkpoint, force)
     model = load_model(source.checkpoint)
     checkpoint_config = _read_json(source.checkpoint / CONFIG_FILE)
-    from picollm.checkpoint import model_config_dict
-
     spec = model_config_dict(model)
     chosen = layout_for(spec, layout)
     weights = cast_weights(picollm_weights(model, spec), dtype, source.checkpoint)

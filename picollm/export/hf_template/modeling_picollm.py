@@ -43,11 +43,29 @@ class PicollmPreTrainedModel(PreTrainedModel):
         if use_cache is None:
             use_cache = getattr(self.config, "use_cache", True)
         hidden, cache = self.features(input_ids, cache, use_cache)
-        logits = self.output_layer(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        logits = self.project(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:  # labels = input_ids: position t predicts token t + 1
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer: hidden [B, T, D] -> logits [B, T, V].
+
+        A generation step has one row per sequence, and on a CPU in fp32 MKL multiplies a skinny [1, D] by
+        the [D, V] weight slowly; W @ hidden.T, with a single row doubled, gives the same logits faster (as
+        picollm's `next_token_logits` does).
+        """
+        layer = self.output_layer
+        rows = hidden.shape[0] * hidden.shape[1]
+        if hidden.device.type != "cpu" or hidden.dtype != torch.float32 or rows > 16 or layer.in_features < 128:
+            return layer(hidden)
+        flat = hidden.reshape(rows, -1)
+        columns = (torch.cat([flat, flat]) if rows == 1 else flat).T
+        logits = torch.mm(layer.weight, columns).T[:rows]
+        if layer.bias is not None:
+            logits = logits + layer.bias
+        return logits.reshape(*hidden.shape[:-1], -1)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embedding
