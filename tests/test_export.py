@@ -448,6 +448,7 @@ def test_verify_and_the_missing_extra(runs, tmp_path, capsys, monkeypatch):
         code, out, err = run_cli(capsys, "export", str(runs[name]), "--out", str(tmp_path / f"v-{name}"),
                                  "--verify", "--layout", "auto")
         assert code == 0 and "verified with transformers" in out, err
+        assert "Do you wish to run the custom code" not in out + err  # --verify runs no code from the directory
     code, out, err = run_cli(capsys, "export", str(runs["gpt2"]), "--out", str(tmp_path / "forced"),
                              "--layout", "picollm", "--verify")
     assert code == 0 and "trust_remote_code" in out, err  # a GPT-2-shaped model as custom code, on request

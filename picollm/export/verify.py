@@ -49,7 +49,8 @@ def verify_export(directory: Path, model: torch.nn.Module, dtype: str) -> None:
     if tokenizer is not None:
         from transformers import AutoTokenizer
 
-        hf_ids = AutoTokenizer.from_pretrained(directory)(PROMPT)["input_ids"]
+        # the loaded model's config: AutoTokenizer would otherwise load it again, running the remote code
+        hf_ids = AutoTokenizer.from_pretrained(directory, config=hf_model.config)(PROMPT)["input_ids"]
         if hf_ids != ids:
             raise RuntimeError(f"the exported tokenizer gives {hf_ids} for {PROMPT!r}, picollm {ids}")
     # picollm's model with its weights rounded as the export stored them

@@ -261,7 +261,7 @@ class PicollmKGramForCausalLM(PicollmPreTrainedModel, GenerationMixin):
         self.input_scale = 1.0 if onehot else math.sqrt(config.embed_dim)
         layers: list[nn.Module] = []
         width = config.k * config.embed_dim
-        for _ in range(config.inner_layers):
+        for _ in range(config.inner_layers):  # the Dropout (none here) keeps picollm's names: mlp.0, mlp.3, ...
             layers += [nn.Linear(width, config.hidden_size), nn.GELU(), nn.Dropout(0.0)]
             width = config.hidden_size
         self.mlp = nn.Sequential(*layers)
