@@ -195,6 +195,8 @@ def test_tokenizer_greedy_generate_and_pipeline_equal_picollm(name, exports, run
     ids = tokenizer(PROMPT)["input_ids"]
     assert ids == [eot, *reference.tokenizer.encode(PROMPT)]  # the end-of-text token first, as picollm does
     assert tokenizer.decode(ids, skip_special_tokens=True) == PROMPT
+    literal = "The end.<|endoftext|>Next"  # ordinary text inside a story, for picollm and for this tokenizer
+    assert tokenizer(literal)["input_ids"] == [eot, *reference.tokenizer.encode(literal)]
     assert tokenizer.bos_token_id == tokenizer.eos_token_id == eot == model.generation_config.eos_token_id
 
     fed = []
