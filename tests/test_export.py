@@ -223,6 +223,27 @@ def test_tokenizer_greedy_generate_and_pipeline_equal_picollm(name, exports, run
     assert text == PROMPT + reference.tokenizer.decode(generate_ids(reference, [ids], max_new_tokens=8)[0])
 
 
+@pytest.mark.parametrize("name", ["lstm", "rmsnorm-pre-rope"])
+def test_beam_search_through_the_cache_equals_recomputing(name, exports):
+    model, tokenizer = load_hf(exports[name])
+    x = torch.tensor([tokenizer(PROMPT)["input_ids"]] * 2)
+    kwargs = dict(max_new_tokens=8, num_beams=3, do_sample=False, min_new_tokens=8)
+    assert torch.equal(model.generate(x, **kwargs), model.generate(x, use_cache=False, **kwargs))
+
+
+def test_the_lstm_cache_reorders_rows_as_beam_search_asks(exports):
+    model, tokenizer = load_hf(exports["lstm"])
+    ids = tokenizer(" ".join([PROMPT] * 3))["input_ids"]
+    first, second = ids[:8], ids[8:16]
+    with torch.no_grad():
+        cache = model(torch.tensor([first, second]), use_cache=True).cache
+        assert type(cache).__name__ == "LSTMCache" and cache.get_seq_length() == 8
+        cache.reorder_cache(torch.tensor([1, 1]))  # both rows continue the second sequence
+        got = model(torch.tensor([[7], [7]]), cache=cache).logits[:, -1]
+        want = model(torch.tensor([second + [7]])).logits[0, -1]
+    assert torch.allclose(got, want.expand_as(got), atol=1e-5, rtol=0)
+
+
 def test_generation_stops_at_end_of_text_where_picollm_does(runs, tmp_path):
     """An LSTM whose end-of-text logit is raised just enough to win at one step: both stop there."""
     from transformers import AutoModelForCausalLM
