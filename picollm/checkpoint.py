@@ -24,6 +24,9 @@ from safetensors.torch import load_file, save_file
 from picollm.data.tokenizer import BPE_FILE, load_tokenizer
 from picollm.data.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG
 from picollm.errors import UserError
+from picollm.export.gpt2 import from_gpt2_weights
+from picollm.export.layout import picollm_view, refuse_pickled_weights
+from picollm.export.tokenizer_files import TOKENIZER_JSON, read_tokenizer
 from picollm.fileio import write_dir_atomic
 from picollm.hub import download
 from picollm.models.base import LanguageModel
@@ -116,9 +119,10 @@ def read_config(directory: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
         raise UserError(f"{path} is not valid JSON ({reason}); the checkpoint is damaged") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+    if not isinstance(config, dict):
         raise UserError(f"{path} has no 'model' section; is this a picollm checkpoint?")
-    return config
+    # an exported transformers directory or a GPT-2 checkpoint reads as a picollm config with a "layout"
+    return picollm_view(config, path)
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -168,8 +172,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Language
     weights = directory / WEIGHTS_FILE
     if weights.is_file():
         verify_file(weights, files.get(WEIGHTS_FILE), config_path)
-    load_weights_into(model, load_state_dict(weights), weights)
-    if "tokenizer" in config:
+    else:
+        refuse_pickled_weights(directory)
+    state = load_state_dict(weights)
+    if config["layout"] == "gpt2":  # GPT2LMHeadModel's names and layouts
+        state = from_gpt2_weights(state, model.config.tie_embeddings, weights)  # type: ignore[attr-defined]
+    load_weights_into(model, state, weights)
+    model.tokenizer = None
+    if config["layout"] != "picollm" or config.get("exported"):
+        # the transformers tokenizer files: only the one picollm reads is checked (a hub download has no others)
+        if str(config.get("tokenizer", "")).startswith("bpe:"):
+            verify_file(directory / TOKENIZER_JSON, files.get(TOKENIZER_JSON), config_path)
+        model.tokenizer = read_tokenizer(directory, config.get("tokenizer"))
+        if model.tokenizer is not None and model.tokenizer.vocab_size > model.config.vocab_size:
+            raise UserError(f"{directory}: the tokenizer has {model.tokenizer.vocab_size} tokens but the model's "
+                            f"vocab_size is {model.config.vocab_size}; the tokenizer files do not belong to this model")
+    elif "tokenizer" in config:
         try:
             tokenizer = load_tokenizer(directory)
         except UserError as exc:

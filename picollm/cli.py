@@ -26,7 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("picollm.commands.report", "rebuild a study's report from its run logs"),
     "compare": ("picollm.commands.compare", "tables and plots comparing any runs"),
     "bench": ("picollm.commands.bench", "measure training, evaluation and generation speed"),
-    "push": ("picollm.commands.push", "upload a run's final checkpoint to the Hugging Face hub"),
+    "export": ("picollm.commands.export", "write a directory Hugging Face transformers loads"),
+    "push": ("picollm.commands.push", "export a model and upload it to the Hugging Face hub"),
     "serve": ("picollm.commands.serve", "a local playground page and an OpenAI-compatible API over models"),
 }
 

@@ -1,89 +1,35 @@
-"""The Hugging Face hub: upload a run's final checkpoint with a model card; download one to load.
+"""The Hugging Face hub: upload an exported model directory; download a checkpoint to load.
 
-Only `config.json`, `model.safetensors` and tokenizer JSON files are fetched: nothing that runs code.
+Only `config.json`, `model.safetensors` and tokenizer JSON files are fetched: nothing that runs code (a
+repo `picollm push` made also holds the transformers model code, which picollm never downloads).
 `huggingface_hub` is imported where it is used: it takes longer to import than the rest of the CLI.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from picollm import rundir
 from picollm.errors import UserError
 
 ALLOWED_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"]
 
 
-def model_card(checkpoint: Path, run: Path | None) -> str:
-    """A README.md for the hub: family, parameters, data, recipe, final metrics."""
-    config = json.loads((checkpoint / rundir.MODEL_CONFIG).read_text(encoding="utf-8"))
-    summary: dict[str, Any] = {}
-    recipe: dict[str, Any] = {}
-    if run is not None and (run / rundir.SUMMARY).is_file():
-        summary = json.loads((run / rundir.SUMMARY).read_text(encoding="utf-8"))
-    if run is not None and (run / rundir.CONFIG).is_file():
-        recipe = yaml.safe_load((run / rundir.CONFIG).read_text(encoding="utf-8"))
-    model = config["model"]
-    lines = [
-        "---", "library_name: picollm", "tags: [picollm, tinystories, " + model["family"] + "]",
-        "datasets: [roneneldan/TinyStories]", "---", "",
-        f"# picollm {model['family']} ({config['num_parameters']:,} parameters)", "",
-        "A small language model trained with [picollm](https://pypi.org/project/picollm/). Load it with:", "",
-        "```python", "import picollm", "model = picollm.load(\"REPO_ID\")",
-        "print(model.generate(\"Once upon a time\", strategy=\"top-p\", top_p=0.9)[0])", "```", "",
-        "## Model", "", "| field | value |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in model.items()],
-        f"| parameters | {config['num_parameters']:,} |",
-        f"| non-embedding parameters | {config['num_parameters_non_embedding']:,} |",
-        f"| tokenizer | {config.get('tokenizer', 'none')} |", "",
-    ]
-    if recipe:
-        lines += ["## Data and recipe", "", "```yaml",
-                  yaml.safe_dump({"data": recipe.get("data"), "train": recipe.get("train")}, sort_keys=False),
-                  "```", ""]
-    if summary:
-        lines += ["## Final metrics", "", "| split | NLL (nats/token) | perplexity | bits per byte |",
-                  "|---|---|---|---|"]
-        for split in ("train", "val", "test"):
-            if split in summary:
-                m = summary[split]
-                bpb = f"{m['bpb']:.4f}" if m.get("bpb") is not None else "-"
-                lines.append(f"| {split} | {m['nll']:.4f} | {m['ppl']:.2f} | {bpb} |")
-        lines += ["", f"Trained on {summary.get('tokens_seen', 0):,} tokens in {summary.get('wall_time_s', 0):.0f} s "
-                  f"({summary.get('device', '?')})."]
-    return "\n".join(lines) + "\n"
+def upload(folder: str | Path, repo_id: str, private: bool = False, message: str = "Upload picollm model") -> str:
+    """Upload every file of `folder` to the model repo `repo_id` (created if missing); returns its URL.
 
-
-def push(path: str | Path, repo_id: str, private: bool = False) -> str:
-    """Upload the final checkpoint of a run (or a checkpoint directory) to `repo_id`; returns its URL."""
+    `picollm push` uploads what `picollm export` writes (picollm.export.hf.push), so a repo made by picollm
+    loads with transformers' `from_pretrained` and with `picollm.load`.
+    """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    source = Path(path).expanduser()
-    if not source.is_dir():
-        raise UserError(f"{path} is not a directory; pass a run directory or a checkpoint directory")
-    checkpoint = rundir.model_dir(source)
-    run = source if (source / rundir.CONFIG).is_file() else None
-    with tempfile.TemporaryDirectory() as tmp:
-        staging = Path(tmp)
-        for name in ALLOWED_FILES:
-            if (checkpoint / name).is_file():
-                shutil.copy2(checkpoint / name, staging / name)
-        (staging / "README.md").write_text(model_card(checkpoint, run).replace("REPO_ID", repo_id), encoding="utf-8")
-        api = HfApi()
-        try:
-            api.create_repo(repo_id, exist_ok=True, private=private)
-            api.upload_folder(folder_path=str(staging), repo_id=repo_id,
-                              commit_message="Upload picollm checkpoint")
-        except (HfHubHTTPError, OSError) as exc:
-            raise UserError(f"could not upload to the hub repo '{repo_id}': {str(exc).splitlines()[0]}; "
-                            "check your network and `huggingface-cli login`") from None
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message)
+    except (HfHubHTTPError, OSError) as exc:
+        raise UserError(f"could not upload to the hub repo '{repo_id}': {str(exc).splitlines()[0]}; "
+                        "check your network and `huggingface-cli login`") from None
     return f"https://huggingface.co/{repo_id}"
 
 

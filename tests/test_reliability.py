@@ -611,11 +611,27 @@ def test_the_safety_scanner_catches_unsafe_code():
         assert not unsafe_uses(snippet), snippet
 
 
+# Text that looks like remote-code loading but is not picollm loading anything: the model card's usage
+# snippet (picollm/export/card.py) tells transformers users to pass trust_remote_code=True for a custom
+# export. The template files copied into exports (picollm/export/hf_template/) are scanned like all code.
+ALLOWED_REMOTE_CODE_TEXT = {"picollm/export/card.py": 'REMOTE_CODE_ARGUMENT = ", trust_remote_code=True"'}
+
+
 def test_package_source_has_no_pickle_or_remote_code():
     files = sorted(PACKAGE.rglob("*.py"))
     assert len(files) > 20
-    found = [hit for path in files
-             for hit in unsafe_uses(path.read_text(encoding="utf-8"), str(path.relative_to(REPO)))]
+    assert PACKAGE / "export" / "hf_template" / "modeling_picollm.py" in files
+    found = []
+    for path in files:
+        name = str(path.relative_to(REPO))
+        source = path.read_text(encoding="utf-8")
+        lines = source.splitlines()
+        for hit in unsafe_uses(source, name):
+            lineno = int(hit.split(":")[1])
+            allowed = ALLOWED_REMOTE_CODE_TEXT.get(name)
+            if allowed is not None and lines[lineno - 1].strip() == allowed and hit.endswith("trust_remote_code=True"):
+                continue
+            found.append(hit)
     assert not found, "unsafe loading in the package:\n" + "\n".join(found)
 
 

@@ -11,6 +11,8 @@ model. Choices, all overridable through the config:
   causal mask alone carries order);
 - attention and MLP linear layers have biases like GPT-2 (`bias: false` drops them and the LayerNorm
   bias, as in nanoGPT); RMSNorm never has one;
+- the MLP's `activation` is the exact GELU (`gelu`, default) or GPT-2's tanh approximation (`gelu_tanh`,
+  what published GPT-2 checkpoints were trained with);
 - GPT-2 initialisation: weights N(0, 0.02), biases 0, and the two residual projections of every block
   N(0, 0.02 / sqrt(2 * n_layers)) so the residual stream's variance does not grow with depth.
 """
@@ -41,6 +43,7 @@ class TransformerConfig(ModelConfig):
     tie_embeddings: bool = True
     bias: bool = True  # biases in the attention/MLP linear layers (and LayerNorm)
     rope_base: float = 10000.0
+    activation: str = "gelu"  # gelu (exact) | gelu_tanh (GPT-2's approximation)
 
     def validate(self) -> None:
         super().validate()
@@ -56,6 +59,7 @@ class TransformerConfig(ModelConfig):
         check(self.pos != "rope" or head_dim % 2 == 0, "model.pos",
               f"rope needs an even head size (d_model / n_heads = {head_dim})")
         check(self.rope_base > 1.0, "model.rope_base", "must be greater than 1")
+        check(self.activation in ("gelu", "gelu_tanh"), "model.activation", "use gelu or gelu_tanh")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,9 +169,10 @@ class MLP(nn.Module):
         self.fc = nn.Linear(config.d_model, 4 * config.d_model, bias=config.bias)
         self.proj = nn.Linear(4 * config.d_model, config.d_model, bias=config.bias)  # residual projection
         self.dropout = nn.Dropout(config.dropout)
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
