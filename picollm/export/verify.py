@@ -14,6 +14,7 @@ import torch
 
 from picollm.errors import UserError
 from picollm.export.card import PROMPT
+from picollm.export.layout import CUSTOM_CLASSES, DTYPES
 
 TOLERANCE = 1e-4  # fp32 logits, absolute: picollm and transformers run the same arithmetic
 
@@ -29,7 +30,6 @@ def _load(directory: Path, layout: str, family: str) -> torch.nn.Module:
         from transformers import GPT2LMHeadModel
 
         return GPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32)
-    from picollm.export.hf import CUSTOM_CLASSES
     from picollm.export.hf_template import modeling_picollm
 
     model_class = getattr(modeling_picollm, CUSTOM_CLASSES[family][1])
@@ -39,8 +39,6 @@ def _load(directory: Path, layout: str, family: str) -> torch.nn.Module:
 def verify_export(directory: Path, model: torch.nn.Module, dtype: str) -> None:
     """Raise (a bug: exit 1) unless transformers' logits and token ids equal picollm's for the card's prompt."""
     import json
-
-    from picollm.export.hf import DTYPES
 
     section = json.loads((directory / "config.json").read_text(encoding="utf-8"))["picollm"]
     hf_model = _load(directory, section["layout"], section["model"]["family"]).eval()

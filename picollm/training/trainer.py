@@ -27,8 +27,8 @@ from picollm import rundir
 from picollm.config import RunConfig, apply_overrides, from_dict, to_dict
 from picollm.device import resolve_device, resolve_dtype
 from picollm.errors import UserError
-from picollm.fileio import DiskFullError, is_disk_full, write_json_atomic
 from picollm.export.hf import push
+from picollm.fileio import DiskFullError, is_disk_full, write_json_atomic
 from picollm.models.base import LanguageModel
 from picollm.training import faults
 from picollm.training.checkpoints import Checkpoints
