@@ -42,7 +42,7 @@ from picollm.errors import UserError
 from picollm.loss import model_loss
 from picollm.models.base import LanguageModel
 from picollm.models.registry import build_model
-from picollm.training import run_dir
+from picollm.training import full_eval, lr_search, run_dir
 from picollm.training.distributed import Dist, any_flag, barrier, init_distributed, mean_across, shutdown
 from picollm.training.schedule import lr_at
 from picollm.training.state import read_training_state, write_training_state
@@ -226,6 +226,10 @@ def train(config: RunConfig | dict[str, Any], *, resume: bool = True, progress: 
     summary = run_dir.read_summary(out)
     if resume and summary and summary.get("status") == "finished":
         return RunResult(out, summary)
+    if cfg.train.lr == "auto":  # short runs over train.lr_grid choose the rate first (lr_search.py)
+        cfg = lr_search.tune(cfg, progress=progress)
+        if cfg is None:  # a signal stopped a sweep run; the next call resumes it
+            return RunResult(out, {"status": "interrupted", "steps": 0})
     if resume and (out / run_dir.CONFIG).is_file() and run_dir.checkpoint_dirs(out):
         if not _same_run(run_dir.read_run_config(out), cfg):
             raise UserError(f"{out} holds a run with a different model or data ({run_dir.CONFIG}); choose "
@@ -443,6 +447,7 @@ class _Trainer:
             signal.signal(s, self._on_signal)
 
         step = progress_state["step"]
+        full_val = full_eval.full_val_steps(t.full_val_at, plan.total_steps)  # {step: fraction}
         batches = micro_batches(loader, progress_state["epoch"], progress_state["batch"])
         position = (progress_state["epoch"], progress_state["batch"])
         elapsed_before = progress_state["elapsed"]
@@ -555,6 +560,9 @@ class _Trainer:
                     self._maybe_fault("during_eval", step)
                     evaluate_now(step)
                     model.train()
+                if step in full_val:  # the full validation split at train.full_val_at (full_eval.py)
+                    log.write(full_eval.full_val_row(model, data, cfg, step, progress_state["tokens"],
+                                                     full_val[step], device))
                 if t.ckpt_interval and step % t.ckpt_interval == 0 and step < plan.total_steps:
                     save_checkpoint(step)
                 if any_flag(self.stop_signal is not None, d, device):
@@ -632,6 +640,7 @@ class _Trainer:
         if stopped_early:
             summary["status"] = "finished"
             summary["stopped_early"] = True
+        summary.update(lr_search.summary_fields(t, wall))  # the peak lr; with lr auto the sweep, its time
         if d.is_main:
             save_model(model, out / "final", data.tokenizer,
                        extra={"step": step, "val_loss": splits.get("val", {}).get("nll")})

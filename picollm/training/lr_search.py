@@ -1,0 +1,218 @@
+"""`train.lr: auto`: short runs over a grid of peak learning rates choose the rate of a run.
+
+The rule (docs/study.md explains why it is fair):
+
+1. For each rate of `train.lr_grid` (default 1e-3, 3e-3, 1e-2, 3e-2: half a decade apart), a sweep run: a
+   complete run through the normal `train()` with the same model, data, seed (`train.lr_sweep_seed`, else
+   `train.seed`) and schedule shape, for `train.lr_sweep_fraction` (default 1/4) of the run's steps, the
+   warmup and the decay compressed to that length; no periodic evaluation, samples or checkpoints but the
+   last. It is scored by its final NLL on the FULL validation split (the trainer's summary).
+2. The chosen rate is the one with the lowest score (ties: the lower rate). A run that diverged scores +inf.
+3. When the lowest score sits at an edge of the grid, one more run one grid step beyond that edge; if that
+   run is lower still, it is chosen and the run is marked "lr at grid edge" (the optimum may lie further).
+
+Sweep runs live in `train.lr_sweep_dir` (default `<out>/lr_sweep`), one directory per rate (`lr-0.003`),
+and are cached and resumed like any run: a rerun, or another seed of the same model in a study, reuses
+them. The chosen rate and every sweep loss are recorded in `train.lr_found` (config.yaml) and in
+summary.json (`lr`, `lr_sweep`); the run's `wall_time_s` includes the sweep's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from picollm.config import RunConfig
+
+RULE = "lowest full-split val NLL at lr_sweep_fraction of the steps; one more point beyond an edge minimum"
+POINT = "lr_point.json"  # in a finished sweep run: its rate, final val NLL (null: diverged) and seconds
+
+
+@dataclass
+class Choice:
+    chosen: float
+    next_lr: float | None  # a rate still to run (the extension beyond an edge), else None
+    at_edge: bool  # the lowest loss is still at the edge of every rate tried
+
+
+def choose(losses: dict[float, float], grid: list[float]) -> Choice:
+    """The rule on the losses so far ({rate: final val NLL}, inf for a diverged run); every grid rate must
+    be there. Pure: the tests check it on made-up numbers."""
+    grid = sorted(grid)
+    missing = [lr for lr in grid if lr not in losses]
+    if missing:
+        raise ValueError(f"the sweep has no loss for {missing}")
+    tried = sorted(losses)
+    score = {lr: (v if v is not None and math.isfinite(v) else math.inf) for lr, v in losses.items()}
+    best = min(tried, key=lambda lr: (score[lr], lr))
+    extended = tried[0] < grid[0] or tried[-1] > grid[-1]
+    low, high = best == tried[0], best == tried[-1]
+    if not extended and (low or high) and math.isfinite(score[best]):
+        step = grid[1] / grid[0] if low else grid[-1] / grid[-2]
+        beyond = best / step if low else best * step
+        return Choice(best, float(f"{beyond:.2g}"), at_edge=True)
+    return Choice(best, None, at_edge=(low or high) and extended)
+
+
+def sweep_dir(cfg: RunConfig) -> Path:
+    t = cfg.train
+    return Path(t.lr_sweep_dir).expanduser() if t.lr_sweep_dir else Path(cfg.out) / "lr_sweep"
+
+
+def point_dir(cfg: RunConfig, lr: float) -> Path:
+    return sweep_dir(cfg) / f"lr-{lr:g}"
+
+
+def planned_steps(cfg: RunConfig, train_tokens: int, world_size: int = 1) -> int:
+    """The run's optimizer steps, as the trainer plans them (max_steps, else max_tokens, else epochs)."""
+    t = cfg.train
+    context = int(cfg.model.get("context_length", 256))
+    tokens_per_step = t.batch_size * t.grad_accum * context * world_size
+    if t.max_steps is not None:
+        return t.max_steps
+    if t.max_tokens is not None:
+        return max(1, math.ceil(t.max_tokens / tokens_per_step))
+    windows = max(0, train_tokens - 1) // context // world_size  # as the WindowLoader cuts them
+    batches = -(-windows // t.batch_size)
+    return max(1, math.ceil(t.epochs * max(1, math.ceil(batches / t.grad_accum))))
+
+
+def sweep_steps(cfg: RunConfig, train_tokens: int, world_size: int = 1) -> int:
+    return max(1, round(cfg.train.lr_sweep_fraction * planned_steps(cfg, train_tokens, world_size)))
+
+
+def point_config(cfg: RunConfig, lr: float, steps: int) -> RunConfig:
+    """The sweep run at `lr`: the same model, data and recipe, `steps` steps, nothing periodic."""
+    t = cfg.train
+    seed = t.lr_sweep_seed if t.lr_sweep_seed is not None else t.seed
+    train = replace(t, lr=lr, max_steps=steps, max_tokens=None, eval_interval=0, ckpt_interval=0,
+                    sample_tokens=0, full_val_at=[], patience=None, seed=seed, lr_sweep_seed=None,
+                    lr_sweep_dir=None, lr_found=None, wandb=False, push_to_hub=None)
+    return RunConfig(data=cfg.data, model=dict(cfg.model), train=train, out=str(point_dir(cfg, lr)))
+
+
+def point_result(directory: Path) -> tuple[float, float] | None:
+    """(final val NLL, seconds) of a finished sweep run (inf for one that diverged), else None. The
+    seconds are the whole run's, its evaluations included: what the sweep cost."""
+    try:
+        record = json.loads((directory / POINT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    nll = record.get("val_nll")
+    return (float(nll) if nll is not None else math.inf), float(record.get("seconds", 0.0))
+
+
+def run_point(cfg: RunConfig, lr: float, steps: int) -> tuple[float, float] | None:
+    """Train (or reuse) the sweep run at `lr`; (final val NLL, seconds), None if a signal stopped it."""
+    from picollm.checkpoint import write_json_atomic
+    from picollm.training.trainer import TrainingDiverged, train
+
+    point = point_config(cfg, lr, steps)
+    directory = Path(point.out)
+    done = point_result(directory)
+    if done is not None:
+        _check_same_point(directory, point)
+        return done
+    started = time.perf_counter()
+    try:
+        result = train(point, resume=True, progress=False)
+    except TrainingDiverged as exc:  # a rate too high for this model: it loses the sweep, nothing more
+        record = {"lr": lr, "val_nll": None, "diverged": str(exc)}
+    else:
+        if result.summary.get("status") != "finished":
+            return None
+        record = {"lr": lr, "val_nll": result.summary["val"]["nll"]}
+    record["seconds"] = time.perf_counter() - started
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json_atomic(directory / POINT, record)
+    return (record["val_nll"] if record["val_nll"] is not None else math.inf), record["seconds"]
+
+
+# the train keys that change what a sweep run computes (threads, device, logging do not)
+RECIPE = ("optimizer", "lr", "betas", "momentum", "weight_decay", "schedule", "warmup_ratio", "min_lr", "grad_clip",
+          "batch_size", "grad_accum", "max_steps", "seed", "loss_chunk_tokens")
+
+
+def _check_same_point(directory: Path, point: RunConfig) -> None:
+    """A cached sweep run must be this model's, on this data, with this recipe (a reused directory)."""
+    from picollm.config import to_dict
+    from picollm.errors import UserError
+    from picollm.training import run_dir
+
+    saved = to_dict(run_dir.read_run_config(directory))
+    want = to_dict(point)
+    model = {k: v for k, v in saved["model"].items() if k in want["model"]}
+    same = model == want["model"] and saved["data"] == want["data"] and \
+        all(saved["train"].get(k) == want["train"][k] for k in RECIPE)
+    if not same:
+        raise UserError(f"{directory} holds a sweep run of another model, data or recipe; delete it, or give "
+                        "this run another train.lr_sweep_dir")
+
+
+def tune(cfg: RunConfig, progress: bool = True) -> RunConfig | None:
+    """`cfg` with `train.lr` chosen by the sweep and `train.lr_found` recording it (runs what is missing);
+    None when a signal stopped a sweep run (run again to resume)."""
+    from picollm.data.prepare import prepare
+
+    t = cfg.train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    data = prepare(cfg.data, progress=progress)
+    steps = sweep_steps(cfg, data.num_tokens("train"), world)
+    main = int(os.environ.get("RANK", "0")) == 0
+    losses: dict[float, float] = {}
+    seconds: dict[float, float] = {}
+    queue = sorted(t.lr_grid)
+    started = time.perf_counter()
+    while queue:
+        lr = queue.pop(0)
+        done = run_point(cfg, lr, steps)
+        if done is None:
+            return None
+        losses[lr], seconds[lr] = done
+        if main:
+            print(f"[picollm] lr sweep: lr {lr:g} for {steps} steps -> val nll {_loss(losses[lr])}",
+                  file=sys.stderr, flush=True)
+        if not queue:
+            decision = choose(losses, t.lr_grid)
+            if decision.next_lr is not None and decision.next_lr not in losses:
+                queue.append(decision.next_lr)
+    decision = choose(losses, t.lr_grid)
+    record = {
+        "rule": RULE, "grid": sorted(t.lr_grid), "fraction": t.lr_sweep_fraction, "steps": steps,
+        "seed": t.lr_sweep_seed if t.lr_sweep_seed is not None else t.seed,
+        "losses": [[lr, losses[lr] if math.isfinite(losses[lr]) else None] for lr in sorted(losses)],
+        "chosen": decision.chosen, "at_edge": decision.at_edge,
+        "wall_time_s": sum(seconds.values()), "dir": str(sweep_dir(cfg)),
+    }
+    if main:
+        edge = " (lr at grid edge: the best rate may lie beyond)" if decision.at_edge else ""
+        print(f"[picollm] lr auto: chose lr {decision.chosen:g} of {len(losses)} sweep runs "
+              f"({time.perf_counter() - started:.0f}s){edge}", file=sys.stderr, flush=True)
+    return replace(cfg, train=replace(t, lr=decision.chosen, lr_found=record))
+
+
+def timing_config(cfg: RunConfig) -> RunConfig:
+    """For a dry run's timing: a step takes as long at any rate, so lr auto times at the grid's first."""
+    if cfg.train.lr != "auto":
+        return cfg
+    return replace(cfg, train=replace(cfg.train, lr=min(cfg.train.lr_grid)))
+
+
+def summary_fields(train_cfg: Any, wall: float) -> dict[str, Any]:
+    """What summary.json adds: the peak rate used, and for lr auto the sweep and a wall time with it."""
+    fields: dict[str, Any] = {"lr": train_cfg.lr}
+    found = train_cfg.lr_found
+    if found:
+        fields.update({"lr_sweep": found, "train_wall_time_s": wall,
+                       "wall_time_s": wall + float(found.get("wall_time_s", 0.0))})
+    return fields
+
+
+def _loss(value: float) -> str:
+    return f"{value:.4f}" if math.isfinite(value) else "inf (diverged)"
