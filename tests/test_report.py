@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from picollm.study import runner
+from picollm.study import plan as study_plan
 from picollm.study.findings import AGREES, DISAGREES, NOISE, check_claims
 from picollm.study.report import build_study_report
 from picollm.study.results import load_results
@@ -29,12 +29,26 @@ VOCAB = 4096
 # made-up logs
 
 
-def _fake_prepare(data_cfg, progress):  # noqa: ARG001 - the signature of runner._prepare
+def _fake_prepare(data_cfg, progress):  # noqa: ARG001 - the signature of plan._prepare
     tokenizer = SimpleNamespace(vocab_size=VOCAB, name="bpe:4096", eot_id=VOCAB - 1)
-    return SimpleNamespace(tokenizer=tokenizer, num_tokens=lambda split: 465_000 if split == "train" else 25_000)
+    return SimpleNamespace(tokenizer=tokenizer, num_tokens=lambda split: 465_000 if split == "train" else 25_000,
+                           directory=Path("/cache/prepared/fake-data"))
 
 
-def original_numbers(run: runner.StudyRun) -> dict[str, Any]:
+def _split(nll: float, bpb: float) -> dict[str, float]:
+    return {"nll": nll, "ppl": math.exp(nll), "bpb": bpb, "tokens": 25_000}
+
+
+# made-up baselines of the fake data: a run above (5.0 + 6.0) / 2 = 5.5 nats did not train
+FAKE_BASELINES = {"fake-data": {
+    "format": 1, "vocab_size": VOCAB, "bigram": "bigram_interpolated", "data": "fake-data",
+    "models": {"unigram": {"name": "unigram", "val": _split(6.0, 2.2), "test": _split(6.02, 2.21)},
+               "bigram_add_k": {"name": "bigram (add-0.01)", "val": _split(5.1, 1.9), "test": _split(5.12, 1.91)},
+               "bigram_interpolated": {"name": "bigram (interpolated, λ = 0.850)", "val": _split(5.0, 1.85),
+                                       "test": _split(5.02, 1.86)}}}}
+
+
+def original_numbers(run: study_plan.StudyRun) -> dict[str, Any]:
     """Numbers for which every claim of the original study holds."""
     t, m = run.tags, run.config["model"]
     family, size = t["family"], t.get("size")
@@ -63,7 +77,7 @@ def original_numbers(run: runner.StudyRun) -> dict[str, Any]:
     return {"loss": loss, "rate": rate, "noise": noise, "diversity": diversity}
 
 
-def kgram_wins(run: runner.StudyRun) -> dict[str, Any]:
+def kgram_wins(run: study_plan.StudyRun) -> dict[str, Any]:
     """As the original, but every k-gram MLP is far better than the other families."""
     numbers = original_numbers(run)
     if run.tags["family"] == "kgram":
@@ -72,7 +86,7 @@ def kgram_wins(run: runner.StudyRun) -> dict[str, Any]:
     return numbers
 
 
-def write_fake_run(run: runner.StudyRun, numbers: dict[str, Any], evals: int = 12,
+def write_fake_run(run: study_plan.StudyRun, numbers: dict[str, Any], evals: int = 12,
                    strategies: tuple[str, ...] = ("greedy", "top-p 0.9", "top-p 1.0")) -> None:
     d = run.directory
     d.mkdir(parents=True, exist_ok=True)
@@ -89,8 +103,13 @@ def write_fake_run(run: runner.StudyRun, numbers: dict[str, Any], evals: int = 1
         rows.append({"kind": "eval", "step": 20 * i, "tokens": tokens, "epoch": tokens / 465_000,
                      "val_loss": val, "val_ppl": math.exp(val), "val_bpb": val / math.log(2) / 4,
                      "elapsed": 2.0 * i, "sample": "Once upon a time"})
+    for fraction, i in ((0.25, evals // 4), (0.5, evals // 2)):  # the full-split points during training
+        val = loss + (math.log(VOCAB) - loss) * math.exp(-numbers["rate"] * i) + numbers.get("early", 0.0)
+        rows.append({"kind": "eval_full", "step": 20 * i, "tokens": 20_000 * i, "fraction": fraction,
+                     "val_loss": val, "val_bpb": val / math.log(2) / 4})
+    rows.sort(key=lambda r: r["step"])
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    final = rows[-1]["val_loss"]
+    final = loss + (math.log(VOCAB) - loss) * math.exp(-numbers["rate"] * evals) + numbers["noise"] * (-1) ** evals
 
     def split(nll: float) -> dict[str, float]:
         return {"nll": nll, "ppl": math.exp(nll), "bpb": nll / math.log(2) / 4.1, "tokens": 25_000,
@@ -102,7 +121,14 @@ def write_fake_run(run: runner.StudyRun, numbers: dict[str, Any], evals: int = 1
                "peak_memory_mb": 300.0, "unigram_entropy": 6.0, "best_val_loss": min(r["val_loss"] for r in rows
                                                                                        if r["kind"] == "eval"),
                "train": split(final - 0.02), "val": split(final), "test": split(final + 0.01),
-               "tokenizer": "bpe:4096", "vocab_size": VOCAB, "context_length": 64}
+               "tokenizer": "bpe:4096", "vocab_size": VOCAB, "context_length": 64, "lr": 5e-3}
+    if run.config["train"]["lr"] == "auto":  # the sweep that chose the rate (its seeds share it)
+        summary["lr"] = numbers.get("lr", 3e-3)
+        summary["lr_sweep"] = {"dir": run.config["train"]["lr_sweep_dir"], "grid": [1e-3, 3e-3, 1e-2, 3e-2],
+                               "fraction": 0.25, "seed": 0, "steps": 100, "wall_time_s": 8.0,
+                               "chosen": summary["lr"], "at_edge": summary["lr"] == 3e-2,
+                               "losses": [[1e-3, loss + 0.2], [3e-3, loss + 0.1], [1e-2, loss + 0.15],
+                                          [3e-2, None if numbers.get("diverges") else loss + 0.3]]}
     (d / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
     base = numbers["diversity"]
     per_strategy = {"greedy": (base - 0.3, 0.40), "top-p 0.9": (base, 0.10), "top-p 1.0": (base + 0.1, 0.05)}
@@ -120,9 +146,10 @@ def write_fake_run(run: runner.StudyRun, numbers: dict[str, Any], evals: int = 1
 
 
 def make_fake_study(root: Path, numbers, seeds: int = 1, monkeypatch=None) -> Path:
-    monkeypatch.setattr(runner, "_prepare", _fake_prepare)
-    plan = runner.plan_study(load_study(), root, budget="quick", seeds=seeds, progress=False)
-    runner.write_study_json(plan)
+    monkeypatch.setattr(study_plan, "_prepare", _fake_prepare)
+    plan = study_plan.plan_study(load_study(), root, budget="quick", seeds=seeds, progress=False)
+    plan.baselines = FAKE_BASELINES
+    study_plan.write_study_json(plan)
     for run in plan.runs.values():
         write_fake_run(run, numbers(run))
     return root
@@ -192,6 +219,9 @@ def check_report(index: Path, groups: list[str], decoding: str = "decoding") -> 
         for table in sec["tables"]:
             assert len(table) >= 2, f"group {name} has an empty table"
             for row in table[1:]:
+                if row[0].endswith("(baseline)"):  # the unigram and bigram rows: losses only
+                    assert all(row[table[0].index(c)] != "—" for c in ("val NLL", "test NLL", "val bpb"))
+                    continue
                 assert all(cell and cell != "—" for cell in row), f"group {name}: empty cell in {row}"
     for sec in sections.values():
         for src in sec["images"]:
