@@ -80,7 +80,9 @@ def dry_run_rows(plan: StudyPlan, jobs: int = 1) -> list[dict[str, Any]]:
             cfg = from_dict(RunConfig, sweep.config)
             prep = prepared_for(plan, sweep.config)
             split_tokens = {s: prep.num_tokens(s) for s in ("train", "val", "test")}
-            for lr in sweep.grid:
+            extra = sorted(float(p.name[3:]) for p in sweep.directory.glob("lr-*")
+                           if lr_search.point_result(p) is not None and float(p.name[3:]) not in sweep.grid)
+            for lr in [*sweep.grid, *extra]:  # the grid, and a rate beyond an edge already run
                 point = lr_search.point_config(cfg, lr, sweep.steps)
                 tokens = sweep.steps * info["tokens"] // max(1, info["steps"])
                 est = job_seconds(point, sweep.steps, info["step_seconds"], split_tokens, sweep=True)

@@ -257,7 +257,9 @@ def plan_study(spec: StudySpec, out: str | Path, budget: str | None = None, seed
                 first = copy.deepcopy(config)
                 first.train.seed = first_seed
                 first_id = run_identity(first)
-                sweep_dir = existing_sweeps.get(first_id, out / SWEEP_DIR / f"{_slug(run.label)}-{first_id}")
+                known = next((s.directory for s in plan.sweeps.values() if s.key.endswith(f"-{first_id}")), None)
+                sweep_dir = known or existing_sweeps.get(first_id,
+                                                         out / SWEEP_DIR / f"{_slug(run.label)}-{first_id}")
                 config.train.lr_sweep_dir = str(sweep_dir)
                 sweep_key = sweep_dir.name
                 if sweep_key not in plan.sweeps:

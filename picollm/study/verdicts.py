@@ -19,7 +19,7 @@ difference that does not exist at 5% in each direction, whatever the number of s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from picollm.study.runlog import Stat, stat_diff
 
@@ -95,3 +95,75 @@ def trend_text(verdicts: list[str]) -> str:
 def settled(verdicts: list[str]) -> bool:
     """The same verdict at every point of the runs."""
     return len(set(verdicts)) <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the records of a check and of a claim
+
+
+@dataclass
+class Check:
+    key: str  # what was compared, without the numbers (the same at every point of a trend)
+    text: str  # with the numbers
+    verdict: str
+    untrained: list[str] = field(default_factory=list)  # the labels of the runs that did not train
+    note: str = ""  # e.g. "both below the bigram baseline"
+    trend: list[str] = field(default_factory=list)  # verdicts at 25%, 50%, end (loss checks only)
+
+    @property
+    def shown(self) -> str:
+        """The verdict as the report prints it."""
+        if self.verdict == INCONCLUSIVE:
+            return f"{INCONCLUSIVE} ({', '.join(self.untrained)} did not train)"
+        return self.verdict
+
+    @property
+    def evidence(self) -> str:
+        parts = [self.shown]
+        if self.trend and not settled(self.trend):
+            parts.append(f"during training: {trend_text(self.trend)}")
+        return f"{self.text}{' — ' + self.note if self.note else ''} ({'; '.join(parts)})"
+
+
+@dataclass
+class Finding:
+    claim: str
+    verdict: str
+    checks: list[Check] = field(default_factory=list)
+    note: str = ""
+    loss_based: bool = False  # some check compares final losses: it has a trend during training
+    trend: list[str] = field(default_factory=list)  # the claim's verdicts at 25%, 50% and the end
+
+    @property
+    def untrained(self) -> list[str]:
+        return sorted({label for c in self.checks for label in c.untrained})
+
+    @property
+    def shown(self) -> str:
+        if self.verdict == INCONCLUSIVE:
+            return f"{INCONCLUSIVE} ({', '.join(self.untrained)} did not train)"
+        return self.verdict
+
+    @property
+    def settled(self) -> bool:
+        return settled(self.trend)
+
+    @property
+    def below_bigram(self) -> int:
+        """Checks whose runs are all worse than the bigram baseline."""
+        return sum(1 for c in self.checks if c.note)
+
+    @property
+    def evidence(self) -> str:
+        parts = [c.evidence for c in self.checks]
+        if self.note:
+            parts.append(self.note)
+        return "; ".join(parts)
+
+
+def _fmt(x: float | None, unit: str) -> str:
+    if x is None:
+        return "—"
+    if unit == "tokens":
+        return f"{x:,.0f}"
+    return f"{x:.3f}"
