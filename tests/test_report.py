@@ -137,6 +137,8 @@ def write_fake_run(run: study_plan.StudyRun, numbers: dict[str, Any], evals: int
         score, repetition = per_strategy[name]
         diversity[name] = {**{f"word_distinct_{n}": min(1.0, score + 0.04 * (n - 3)) for n in range(1, 6)},
                            "repetition_4": repetition, "texts": 10, "words": 200, "mean_words": 20.0}
+        if name == "greedy" and numbers.get("short_greedy"):  # every continuation under 4 words
+            diversity[name].update({"word_distinct_4": None, "word_distinct_5": None, "repetition_4": None})
         samples[name] = [f"{name} story {i} of {run.label}: the cat sat." for i in range(10)]
     record = {"settings": {}, "prompts": [f"Once upon a time {i}" for i in range(10)], "diversity": diversity,
               "samples": samples,
@@ -366,3 +368,121 @@ def test_unfinished_runs_are_reported_not_crashed_on(tmp_path, monkeypatch, miss
     assert "lstm-tiny" in text
     if missing == "summary.json":
         assert "1 of 1 runs not finished" in text
+
+
+def _table(sections: dict, section: str, index: int = 0) -> list[list[str]]:
+    return sections[section]["tables"][index]
+
+
+def _finding(sections: dict, claim_start: str) -> list[str]:
+    return next(r for r in _table(sections, "findings") if r[0].startswith(claim_start))
+
+
+def test_a_run_that_did_not_train_makes_its_checks_inconclusive(tmp_path, monkeypatch):
+    def lstm_pico_stuck(run):
+        numbers = original_numbers(run)
+        if run.tags["family"] == "lstm" and run.tags.get("size") == "pico":
+            numbers["loss"] = 5.8  # above (unigram 6.0 + bigram 5.0) / 2 = 5.5 on validation NLL
+        return numbers
+
+    study = make_fake_study(tmp_path / "study", lstm_pico_stuck, monkeypatch=monkeypatch)
+    results = load_results(study)
+    found = {f.claim: f for f in check_claims(results)}
+    larger = found["Larger LSTMs converge quicker and reach lower test perplexity."]
+    assert larger.verdict == "inconclusive" and larger.shown == "inconclusive (lstm-pico did not train)"
+    # tiny vs small still compares two runs that trained: their checks keep their verdicts
+    assert [c.verdict for c in larger.checks] == ["inconclusive", "inconclusive", AGREES, AGREES]
+    order = next(f for c, f in found.items() if c.startswith("Among the pico models the LSTM"))
+    assert order.verdict == "inconclusive"
+    assert found["Raising K (1 → 3 → 5) lowers validation loss."].verdict == AGREES  # no LSTM in it
+    sections = read_page(build_study_report(study))
+    row = _finding(sections, "Larger LSTMs")
+    assert row[1] == "inconclusive (lstm-pico did not train)"
+    # 5: sizes of the LSTM, the pico order and three claims about the best picos' text (lstm-pico among them)
+    assert "5 inconclusive (a run did not train)" in (study / "report" / "report.md").read_text()
+    greedy = found["Greedy decoding repeats phrases most."]
+    assert {c.verdict for c in greedy.checks if c.text.startswith("lstm-pico")} == {"inconclusive"}
+    assert {c.verdict for c in greedy.checks if not c.text.startswith("lstm-pico")} == {AGREES}
+    size = _table(sections, "group-size")
+    assert [r[0] for r in size if r[0].startswith("lstm-pico")] == ["lstm-pico — did not train"]
+    runs = _table(sections, "runs")
+    assert [r[-1] for r in runs if r[0] == "lstm-pico"] == ["finished, did not train"]
+
+
+def test_checks_between_runs_below_the_bigram_say_so(tmp_path, monkeypatch):
+    def weak_k1(run):
+        numbers = original_numbers(run)
+        if run.tags["family"] == "kgram" and run.config["model"].get("k") == 1:
+            numbers["loss"] = 5.2 + (0.05 if run.config["model"]["input"] == "scaled" else 0.0)  # trained, < bigram
+        return numbers
+
+    study = make_fake_study(tmp_path / "study", weak_k1, monkeypatch=monkeypatch)
+    found = {f.claim: f for f in check_claims(load_results(study))}
+    smoother = found["Scaled-embedding curves are smoother than one-hot curves."]
+    k1 = [c for c in smoother.checks if "k1" in c.text]
+    assert len(k1) == 1 and k1[0].note == "both below the bigram baseline" and k1[0].verdict == AGREES
+    assert "both below the bigram baseline" in k1[0].evidence
+    assert all(not c.note for c in smoother.checks if "k1" not in c.text)
+    sections = read_page(build_study_report(study))
+    assert "1 comparisons between runs that are all below the bigram baseline" in \
+        (study / "report" / "report.md").read_text()
+    margins = {r[0]: r[_table(sections, "group-kgram")[0].index("val NLL − bigram")]
+               for r in _table(sections, "group-kgram")[1:]}
+    assert margins["kgram-pico-k1-onehot"].startswith("+") and margins["kgram-pico-k5-onehot"].startswith("-")
+
+
+def test_verdicts_during_training_and_unsettled_claims(tmp_path, monkeypatch):
+    def tiny_late(run):
+        numbers = original_numbers(run)
+        if run.tags["family"] == "transformer" and run.tags.get("size") == "tiny":
+            numbers["early"] = 1.5  # worse than the pico at 25% and 50% of the run, better at the end
+        return numbers
+
+    study = make_fake_study(tmp_path / "study", tiny_late, monkeypatch=monkeypatch)
+    found = {f.claim: f for f in check_claims(load_results(study))}
+    larger = found["Larger Transformers converge quicker and reach lower test perplexity."]
+    assert larger.verdict == AGREES and larger.trend == [DISAGREES, DISAGREES, AGREES] and not larger.settled
+    first = larger.checks[0]
+    assert first.trend == [DISAGREES, DISAGREES, AGREES]
+    assert "during training: disagrees → disagrees → agrees" in first.evidence
+    assert found["Larger LSTMs converge quicker and reach lower test perplexity."].trend == [AGREES] * 3
+    assert found["Greedy decoding repeats phrases most."].trend == []  # not a loss: no trend
+    row = _finding(read_page(build_study_report(study)), "Larger Transformers")
+    assert row[1] == "agrees (not settled at this budget)" and row[2] == "disagrees → disagrees → agrees"
+
+
+def test_learning_rates_equal_compute_and_single_seed_notice(tmp_path, monkeypatch):
+    def edge(run):
+        numbers = original_numbers(run)
+        if run.tags["family"] == "lstm" and run.tags.get("size") == "tiny":
+            numbers["lr"] = 3e-2  # the sweep's best rate is the grid's top: "(edge)"
+        if run.tags["family"] == "lstm" and run.tags.get("size") == "pico":
+            numbers["short_greedy"] = True
+        return numbers
+
+    study = make_fake_study(tmp_path / "study", edge, monkeypatch=monkeypatch)
+    index = build_study_report(study)
+    sections = read_page(index)
+    md = (study / "report" / "report.md").read_text()
+    assert md.index("Verdicts are single-seed") < md.index("## Contents")
+    # the lr sweeps: a plot and a table with every model's losses and chosen rate
+    lrs = sections["learning-rates"]
+    assert len(lrs["images"]) == 1
+    chosen = {r[0]: r[-1] for r in lrs["tables"][0][1:]}
+    assert len(chosen) == 23 and chosen["lstm-tiny"] == "0.03 (edge)" and chosen["lstm-pico"] == "0.003"
+    assert "lr at grid edge: lstm-tiny" in md
+    size = _table(sections, "group-size")
+    assert {r[0]: r[1] for r in size[1:]}["lstm-tiny"] == "0.03 (edge)"
+    # equal compute in the best and equal groups: a FLOPs plot and the sentence
+    for group in ("group-best", "group-equal"):
+        assert "At equal training compute: at " in md.split(f'id="{group}"')[1].split("<a id=")[0]
+    assert len(sections["group-equal"]["images"]) == 3  # curves, FLOPs, parameters
+    # undefined distinct-n is n/a, left out of the diversity score
+    diversity = _table(sections, "group-size", 1)
+    greedy = next(r for r in diversity if r[0] == "lstm-pico" and r[1] == "greedy")
+    assert greedy[5:8] == ["n/a", "n/a", "n/a"]
+    assert float(greedy[8]) == pytest.approx((0.12 + 0.16 + 0.20) / 3)
+    # with two seeds the notice is gone
+    two = make_fake_study(tmp_path / "two", original_numbers, seeds=2, monkeypatch=monkeypatch)
+    build_study_report(two)
+    assert "Verdicts are single-seed" not in (two / "report" / "report.md").read_text()

@@ -345,6 +345,8 @@ def _below_bigram(uses: tuple[Entry, ...]) -> str:
     margins = [e.get("margin_bigram").mean for e in uses]
     if not uses or any(m is None for m in margins) or any(m <= 0 for m in margins):  # type: ignore[operator]
         return ""
+    if len(uses) == 1:
+        return f"{uses[0].label} is below the bigram baseline"
     return "both below the bigram baseline" if len(uses) == 2 else f"all {len(uses)} below the bigram baseline"
 
 
