@@ -67,8 +67,9 @@ def tiny_study(tmp_path: Path) -> Path:
 
 
 def _study(tiny_study: Path, out: Path, sample_path: Path, cache_dir: Path, *extra: str) -> int:
-    return main(["study", str(tiny_study), "--data", str(sample_path), "--out", str(out), "--no-progress",
-                 f"--data.cache_dir={cache_dir}", "--jobs", "1", *extra])
+    # the override as two words: its value must not be taken for the optional STUDY.yaml
+    return main(["study", "--data", str(sample_path), "--out", str(out), "--no-progress",
+                 "--data.cache_dir", str(cache_dir), str(tiny_study), "--jobs", "1", *extra])
 
 
 def test_tiny_study_end_to_end(tiny_study, tmp_path, sample_path, cache_dir, capsys):
