@@ -23,9 +23,10 @@ from typing import Any
 from picollm.config import RunConfig, from_dict, to_dict
 from picollm.errors import UserError
 from picollm.study.evals import eval_is_current, evaluate_run, run_is_finished
-from picollm.study.plan import StudyPlan, StudyRun, Sweep, prepared_for
+from picollm.study.plan import StudyPlan, StudyRun, Sweep, planned_tokens, prepared_for
 from picollm.study.progress import Progress, estimate_seconds
 from picollm.study.spec import EvalSpec
+from picollm.training import lr_search
 
 
 @dataclass
@@ -80,8 +81,6 @@ def run_sweep_point(config: dict[str, Any], lr: float, steps: int, threads: int 
 
     import torch
 
-    from picollm.training import lr_search
-
     if threads:
         torch.set_num_threads(threads)
     cfg = from_dict(RunConfig, config)
@@ -104,8 +103,6 @@ class Schedule:
     """The jobs still to do, which of them are ready, and what each sweep has found so far."""
 
     def __init__(self, plan: StudyPlan, runs: list[StudyRun]) -> None:
-        from picollm.training import lr_search
-
         self.plan = plan
         self.jobs: dict[str, Job] = {}  # not started yet
         self.waiting: dict[str, list[Job]] = {}  # sweep key -> runs waiting for its rate
@@ -135,8 +132,6 @@ class Schedule:
     def _run_job(self, run: StudyRun) -> Job:
         prep = prepared_for(self.plan, run.config)
         cfg = from_dict(RunConfig, run.config)
-        from picollm.study.plan import planned_tokens
-
         seconds = estimate_seconds(run.config, prep.num_tokens("train"))
         return Job("run", run.run_id, run.label, run.directory, seconds,
                    planned_tokens(cfg, prep.num_tokens("train")), run=run, priority=seconds)
@@ -146,8 +141,6 @@ class Schedule:
         self.total += 1
 
     def _add_point(self, sweep: Sweep, lr: float) -> None:
-        from picollm.training import lr_search
-
         cfg = from_dict(RunConfig, sweep.config)
         point = lr_search.point_config(cfg, lr, sweep.steps)
         prep = prepared_for(self.plan, sweep.config)
@@ -161,15 +154,11 @@ class Schedule:
 
     def _advance(self, key: str) -> None:
         """After a sweep run: all done? then choose, or ask for the one rate beyond the edge."""
-        from picollm.training.lr_search import choose
-
         if self.pending[key] or key in self.chosen or key in self.failed:
             return
         sweep = self.plan.sweeps[key]
-        decision = choose(self.losses[key], sweep.grid)
+        decision = lr_search.choose(self.losses[key], sweep.grid)
         if decision.next_lr is not None and decision.next_lr not in self.losses[key]:
-            from picollm.training import lr_search
-
             done = lr_search.point_result(lr_search.point_dir(from_dict(RunConfig, sweep.config), decision.next_lr))
             if done is None:
                 self._add_point(sweep, decision.next_lr)
