@@ -187,3 +187,24 @@ def did_not_train_threshold(record: dict[str, Any]) -> float:
     uni = record["models"]["unigram"]["val"]["nll"]
     bi = record["models"][record["bigram"]]["val"]["nll"]
     return uni - 0.5 * (uni - bi)
+
+
+CACHE_FILE = "baselines.json"
+
+
+def cached_baselines(prepared: Any) -> dict[str, Any]:
+    """`baselines_for(prepared)`, kept beside the prepared data (computed once per prepared dataset)."""
+    import json
+
+    from picollm.checkpoint import write_json_atomic
+
+    path = prepared.directory / CACHE_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(record, dict) and record.get("format") == FORMAT and record.get("models"):
+            return record
+    except (OSError, ValueError):
+        pass  # missing or damaged: computed again below
+    record = baselines_for(prepared)
+    write_json_atomic(path, record)
+    return record

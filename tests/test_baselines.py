@@ -117,3 +117,17 @@ def test_the_bigram_is_scored_on_exactly_the_targets_and_bytes_of_the_evaluation
     # float32 arithmetic inside the loss; a target shifted by one would be off by ~10%
     assert result.nll == pytest.approx(record["models"]["bigram_interpolated"]["val"]["nll"], rel=1e-6)
     assert result.bpb == pytest.approx(record["models"]["bigram_interpolated"]["val"]["bpb"], rel=1e-6)
+
+
+def test_baselines_are_cached_beside_the_prepared_data(tmp_path, monkeypatch):
+    from picollm import baselines
+
+    rng = np.random.default_rng(2)
+    splits = {"train": rng.integers(0, 20, 500), "val": rng.integers(0, 20, 80), "test": rng.integers(0, 20, 80)}
+    prepared = SimpleNamespace(directory=tmp_path, tokenizer=SimpleNamespace(vocab_size=20, name="bpe:20"),
+                               tokens=lambda s: splits[s], num_bytes=lambda s: 4 * len(splits[s]))
+    first = baselines.cached_baselines(prepared)
+    assert (tmp_path / "baselines.json").is_file() and first["data"] == tmp_path.name
+    calls = []
+    monkeypatch.setattr(baselines, "baselines_for", lambda p: calls.append(p))
+    assert baselines.cached_baselines(prepared) == first and not calls  # read, not computed again

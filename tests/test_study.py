@@ -184,12 +184,16 @@ def test_tuned_budget_sweeps_once_per_model_and_its_seeds_train_at_the_chosen_ra
     for key, sweep in record["sweeps"].items():
         runs = [record["runs"][rid] for rid in sweep["runs"]]
         assert [r["seed"] for r in runs] == [0, 1] and all(r["sweep"] == key for r in runs)
-        rates = sorted(float(p.name[3:]) for p in (out / sweep["dir"]).iterdir())
-        assert rates[:2] == [0.001, 0.01] or rates[1:] == [0.001, 0.01]  # + one beyond an edge
         summaries = [json.loads((out / r["dir"] / "summary.json").read_text()) for r in runs]
-        chosen = summaries[0]["lr_sweep"]["chosen"]
-        losses = {lr: loss for lr, loss in summaries[0]["lr_sweep"]["losses"]}
+        found = summaries[0]["lr_sweep"]
+        rates = sorted(float(p.name[3:]) for p in (out / sweep["dir"] / f"f{found['length']:g}").iterdir())
+        assert rates[:2] == [0.001, 0.01] or rates[1:] == [0.001, 0.01]  # + one beyond an edge
+        chosen = found["chosen"]
+        losses = {lr: loss for lr, loss in found["losses"]}
         assert chosen == min(losses, key=losses.get) and sorted(losses) == rates
+        # the lengths tried: a quarter, then twice as long while no rate trained
+        assert [r["length"] for r in found["rounds"]] == [0.25, 0.5, 1.0][:len(found["rounds"])]
+        assert found["trained"] or found["length"] == 1.0
         assert [s["lr"] for s in summaries] == [chosen, chosen]  # both seeds at the rate of the one sweep
         config = yaml.safe_load((out / runs[1]["dir"] / "config.yaml").read_text())
         assert config["train"]["lr"] == chosen and config["train"]["seed"] == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 from picollm.config import RunConfig, from_dict
@@ -80,17 +81,22 @@ def dry_run_rows(plan: StudyPlan, jobs: int = 1) -> list[dict[str, Any]]:
             cfg = from_dict(RunConfig, sweep.config)
             prep = prepared_for(plan, sweep.config)
             split_tokens = {s: prep.num_tokens(s) for s in ("train", "val", "test")}
-            extra = sorted(float(p.name[3:]) for p in sweep.directory.glob("lr-*")
-                           if lr_search.point_result(p) is not None and float(p.name[3:]) not in sweep.grid)
-            for lr in [*sweep.grid, *extra]:  # the grid, and a rate beyond an edge already run
-                point = lr_search.point_config(cfg, lr, sweep.steps)
-                tokens = sweep.steps * info["tokens"] // max(1, info["steps"])
-                est = job_seconds(point, sweep.steps, info["step_seconds"], split_tokens, sweep=True)
-                rows.append({**info, "kind": "sweep", "run": f"{sweep.label} lr {lr:g}", "seed": point.train.seed,
-                             "dir": f"{sweep.key}/lr-{lr:g}", "groups": ["lr sweep"], "steps": sweep.steps,
+            points = [(lr, sweep.fraction) for lr in sweep.grid]  # and the runs beyond it already on disk
+            for run_dir in sorted(sweep.directory.glob("f*/lr-*")):
+                point = (float(run_dir.name[3:]), float(run_dir.parent.name[1:]))
+                if point not in points and lr_search.point_result(run_dir) is not None:
+                    points.append(point)
+            for lr, length in points:
+                point = lr_search.point_config(cfg, lr, length, sweep.total_steps)
+                steps = point.train.max_steps or 1
+                tokens = steps * info["tokens"] // max(1, info["steps"])
+                est = job_seconds(point, steps, info["step_seconds"], split_tokens, sweep=True)
+                name = f"{sweep.label} lr {lr:g}" + (f" at {length:g}" if length != sweep.fraction else "")
+                rows.append({**info, "kind": "sweep", "run": name, "seed": point.train.seed,
+                             "dir": f"{sweep.key}/f{length:g}/lr-{lr:g}", "groups": ["lr sweep"], "steps": steps,
                              "tokens": tokens, "flops": info["flops_per_token"] * tokens, "est_seconds": est,
-                             "finished": lr_search.point_result(lr_search.point_dir(cfg, lr)) is not None,
-                             "key": f"{sweep.key}@{lr:g}", "sweep": sweep.key, "lr": lr})
+                             "finished": lr_search.point_result(Path(point.out)) is not None,
+                             "key": f"{sweep.key}@{length:g}@{lr:g}", "sweep": sweep.key, "lr": lr})
     finally:
         torch.set_num_threads(before)
     return rows

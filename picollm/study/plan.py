@@ -68,7 +68,7 @@ class Sweep:
     key: str  # the directory name, <label>-<first seed's run id>
     config: dict[str, Any]  # the first seed's run config (lr auto, lr_sweep_dir = directory)
     label: str
-    steps: int  # steps of each sweep run
+    total_steps: int  # the run's steps: a sweep run has lr_sweep_fraction of them (more if none trains)
     runs: list[str] = field(default_factory=list)  # ids of the runs that use it
 
     @property
@@ -78,6 +78,10 @@ class Sweep:
     @property
     def grid(self) -> list[float]:
         return sorted(self.config["train"]["lr_grid"])
+
+    @property
+    def fraction(self) -> float:
+        return float(self.config["train"]["lr_sweep_fraction"])
 
 
 @dataclass
@@ -202,7 +206,7 @@ def plan_study(spec: StudySpec, out: str | Path, budget: str | None = None, seed
     `seeds` and `tune` default to the budget's. `grid` replaces the values of a grid key wherever a block
     uses it (`--grid`); `extend` appends values to it (`--with-base` is `{"size": ["base"]}`).
     """
-    from picollm.training.lr_search import sweep_steps
+    from picollm.training.lr_search import planned_steps
 
     budget = budget or spec.default_budget
     out = Path(out)
@@ -244,8 +248,6 @@ def plan_study(spec: StudySpec, out: str | Path, budget: str | None = None, seed
                 data.setdefault("train", {})["full_val_at"] = list(FULL_VAL_AT)
             config = from_dict(RunConfig, data)
             if b.evals_per_run and "train.eval_interval" not in run.explicit:
-                from picollm.training.lr_search import planned_steps
-
                 steps = planned_steps(config, prep.num_tokens("train"))
                 config.train.eval_interval = max(1, steps // b.evals_per_run)
             sweep_key = None
@@ -266,7 +268,7 @@ def plan_study(spec: StudySpec, out: str | Path, budget: str | None = None, seed
                     first.train.lr_sweep_dir = str(sweep_dir)
                     first.out = str(sweep_dir)
                     plan.sweeps[sweep_key] = Sweep(sweep_key, to_dict(first), run.label,
-                                                   sweep_steps(first, prep.num_tokens("train")))
+                                                   planned_steps(first, prep.num_tokens("train")))
             run_id = run_identity(config)
             if run_id not in plan.runs:
                 directory = existing.get(run_id, out / "runs" / f"{_slug(run.label)}-{run_id}")
@@ -355,8 +357,8 @@ def study_record(plan: StudyPlan) -> dict[str, Any]:
         "runs": {rid: {"dir": _rel(r.directory, plan.out), "label": r.label, "seed": r.seed, "tags": r.tags,
                        "groups": sorted({g for g, _ in r.uses}), "sweep": r.sweep,
                        "data": _data_name(plan, r.config)} for rid, r in plan.runs.items()},
-        "sweeps": {k: {"dir": _rel(s.directory, plan.out), "label": s.label, "grid": s.grid, "steps": s.steps,
-                       "fraction": s.config["train"]["lr_sweep_fraction"], "runs": s.runs}
+        "sweeps": {k: {"dir": _rel(s.directory, plan.out), "label": s.label, "grid": s.grid,
+                       "total_steps": s.total_steps, "fraction": s.fraction, "runs": s.runs}
                    for k, s in plan.sweeps.items()},
         "baselines": plan.baselines,
     }
@@ -379,13 +381,7 @@ def write_study_json(plan: StudyPlan) -> Path:
 def add_baselines(plan: StudyPlan) -> None:
     """The unigram and bigram baselines of each prepared data (picollm.baselines), computed once and kept
     in study.json, so a report rebuilds without the data."""
-    from picollm.baselines import baselines_for
+    from picollm.baselines import cached_baselines
 
-    try:
-        previous = (json.loads((plan.out / STUDY_JSON).read_text(encoding="utf-8")) or {}).get("baselines") or {}
-    except (OSError, ValueError):
-        previous = {}
     for prep in plan.prepared.values():
-        name = prep.directory.name
-        old = previous.get(name)
-        plan.baselines[name] = old if isinstance(old, dict) and old.get("models") else baselines_for(prep)
+        plan.baselines[prep.directory.name] = cached_baselines(prep)

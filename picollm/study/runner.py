@@ -40,6 +40,7 @@ class Job:
     run: StudyRun | None = None
     sweep: Sweep | None = None
     lr: float | None = None
+    length: float | None = None  # a sweep run's length, as a fraction of the run
     priority: float = 0.0
 
 
@@ -73,7 +74,7 @@ def train_and_evaluate(config: dict[str, Any], settings: dict[str, Any], threads
     return summary
 
 
-def run_sweep_point(config: dict[str, Any], lr: float, steps: int, threads: int | None = None,
+def run_sweep_point(config: dict[str, Any], lr: float, length: float, total_steps: int, threads: int | None = None,
                     log: str | None = None) -> dict[str, Any]:
     """Train (or reuse) one sweep run; {"status", "val_nll", "seconds"} (val_nll None: it diverged)."""
     import contextlib
@@ -88,7 +89,7 @@ def run_sweep_point(config: dict[str, Any], lr: float, steps: int, threads: int 
         if log is not None:
             Path(log).parent.mkdir(parents=True, exist_ok=True)
             stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(log, "a", encoding="utf-8"))))
-        done = lr_search.run_point(cfg, lr, steps)
+        done = lr_search.run_point(cfg, lr, length, total_steps)
     if done is None:
         return {"status": "interrupted"}
     loss, seconds = done
@@ -106,10 +107,11 @@ class Schedule:
         self.plan = plan
         self.jobs: dict[str, Job] = {}  # not started yet
         self.waiting: dict[str, list[Job]] = {}  # sweep key -> runs waiting for its rate
-        self.losses: dict[str, dict[float, float]] = {}
+        self.rounds: dict[str, dict[float, dict[float, float]]] = {}  # sweep key -> {length: {rate: loss}}
         self.pending: dict[str, set[str]] = {}  # sweep key -> its jobs not finished yet
         self.chosen: dict[str, float] = {}
         self.failed: dict[str, str] = {}  # sweep key -> why
+        self.thresholds: dict[str, float] = {}
         self.total = 0
         for run in runs:
             job = self._run_job(run)
@@ -119,14 +121,8 @@ class Schedule:
                 self._add(job)
         for key in self.waiting:
             sweep = plan.sweeps[key]
-            self.losses[key], self.pending[key] = {}, set()
-            cfg = from_dict(RunConfig, sweep.config)
-            for lr in sweep.grid:
-                done = lr_search.point_result(lr_search.point_dir(cfg, lr))
-                if done is None:
-                    self._add_point(sweep, lr)
-                else:
-                    self.losses[key][lr] = done[0]
+            self.rounds[key], self.pending[key] = {}, set()
+            self.thresholds[key] = lr_search.threshold_for(prepared_for(plan, sweep.config))
             self._advance(key)
 
     def _run_job(self, run: StudyRun) -> Job:
@@ -140,33 +136,37 @@ class Schedule:
         self.jobs[job.key] = job
         self.total += 1
 
-    def _add_point(self, sweep: Sweep, lr: float) -> None:
-        cfg = from_dict(RunConfig, sweep.config)
-        point = lr_search.point_config(cfg, lr, sweep.steps)
+    def _add_point(self, sweep: Sweep, lr: float, length: float) -> None:
+        point = lr_search.point_config(from_dict(RunConfig, sweep.config), lr, length, sweep.total_steps)
         prep = prepared_for(self.plan, sweep.config)
         seconds = estimate_seconds(to_dict(point), prep.num_tokens("train"), evaluate=False)
         after = max((j.seconds for j in self.waiting.get(sweep.key, [])), default=0.0)
-        tokens = sweep.steps * point.train.batch_size * point.train.grad_accum * int(point.model["context_length"])
-        job = Job("sweep", f"{sweep.key}@{lr:g}", f"{sweep.label} lr {lr:g}", Path(point.out), seconds, tokens,
-                  sweep=sweep, lr=lr, priority=seconds + after)
+        steps = point.train.max_steps or 1
+        tokens = steps * point.train.batch_size * point.train.grad_accum * int(point.model["context_length"])
+        name = f"{sweep.label} lr {lr:g}" + (f" at {length:g}" if length != sweep.fraction else "")
+        job = Job("sweep", f"{sweep.key}@{length:g}@{lr:g}", name, Path(point.out), seconds, tokens, sweep=sweep,
+                  lr=lr, length=length, priority=seconds + after)
         self.pending[sweep.key].add(job.key)
         self._add(job)
 
     def _advance(self, key: str) -> None:
-        """After a sweep run: all done? then choose, or ask for the one rate beyond the edge."""
+        """After a sweep run: all of this length done? then the next runs the rule asks for, or the choice.
+        Sweep runs already on disk are read, not scheduled."""
         if self.pending[key] or key in self.chosen or key in self.failed:
             return
         sweep = self.plan.sweeps[key]
-        decision = lr_search.choose(self.losses[key], sweep.grid)
-        if decision.next_lr is not None and decision.next_lr not in self.losses[key]:
-            done = lr_search.point_result(lr_search.point_dir(from_dict(RunConfig, sweep.config), decision.next_lr))
-            if done is None:
-                self._add_point(sweep, decision.next_lr)
+        cfg = from_dict(RunConfig, sweep.config)
+        rounds = self.rounds[key]
+        while (decision := lr_search.decide(rounds, sweep.grid, sweep.fraction, self.thresholds[key])).todo:
+            for lr, length in decision.todo:
+                done = lr_search.point_result(lr_search.point_dir(cfg, lr, length))
+                if done is None:
+                    self._add_point(sweep, lr, length)
+                else:
+                    rounds.setdefault(length, {})[lr] = done[0]
+            if self.pending[key]:
                 return
-            self.losses[key][decision.next_lr] = done[0]
-            self._advance(key)
-            return
-        self.chosen[key] = decision.chosen
+        self.chosen[key] = decision.chosen  # type: ignore[assignment]
         for job in self.waiting.get(key, []):
             self._add(job)
 
@@ -187,7 +187,8 @@ class Schedule:
             self.failed[key] = error
             return
         loss = (result or {}).get("val_nll")
-        self.losses[key][job.lr] = float("inf") if loss is None else float(loss)  # type: ignore[index]
+        rounds = self.rounds[key].setdefault(job.length, {})  # type: ignore[arg-type]
+        rounds[job.lr] = float("inf") if loss is None else float(loss)  # type: ignore[index]
         self._advance(key)
 
     def blocked(self) -> list[tuple[Job, str]]:
@@ -270,7 +271,8 @@ def _call(job: Job, settings: dict[str, Any], device: str | None, threads: int |
     if job.kind == "sweep":
         sweep = job.sweep
         assert sweep is not None
-        return run_sweep_point, (with_slot(sweep.config, device, threads), job.lr, sweep.steps, threads, log_file)
+        return run_sweep_point, (with_slot(sweep.config, device, threads), job.lr, job.length, sweep.total_steps,
+                                 threads, log_file)
     assert job.run is not None
     return train_and_evaluate, (with_slot(job.run.config, device, threads), settings, threads, prepared, log_file)
 

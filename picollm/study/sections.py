@@ -80,16 +80,26 @@ def lr_section(results: StudyResults, image_dir: Path) -> Section | None:
         f"{100 * first['fraction']:g}% of the run's steps, seed {first['seed']}) at each rate of the grid "
         f"{', '.join(fmt_value(x, 'lr') for x in first['grid'])}, scored by its final NLL on the full validation "
         "split; the lowest wins, and when it is at an edge of the grid one more rate a grid step beyond is tried. "
-        "The seeds of a model share its sweep. Every model is tuned the same way, so no family is held back by "
-        "a rate that suits another.")
+        "When no sweep run trained (none closed half the gap from the unigram to the bigram baseline: their "
+        "ranking is noise), the sweep is repeated with runs twice as long, up to the whole run. The seeds of a "
+        "model share its sweep. Every model is tuned the same way, so no family is held back by a rate that "
+        "suits another.")
     img = plots.lr_plot(sweeps, image_dir / "lr-sweeps.png")
     if img:
         sec.blocks.append(Image(img, "Learning-rate sweeps: final validation loss against the peak rate"))
     sec.blocks.append(lr_table(results, sweeps))
+    longer = [f"{s['label']} ({s['length']:g})" for s in sweeps if s.get("length", s["fraction"]) != s["fraction"]]
+    if longer:
+        sec.blocks.append(f"Sweeps repeated longer because no rate trained at {100 * first['fraction']:g}% of the "
+                          f"steps: {', '.join(longer)}.")
     edge = [s["label"] for s in sweeps if s.get("at_edge")]
     if edge:
         sec.blocks.append(f"lr at grid edge: {', '.join(edge)}: the best rate tried was the extreme one, so a "
                           "better rate may lie further out.")
+    untrained = [s["label"] for s in sweeps if not s.get("trained", True)]
+    if untrained:
+        sec.blocks.append(f"No sweep run trained, even at the whole length: {', '.join(untrained)}; the rate with "
+                          "the lowest loss was taken.")
     return sec
 
 

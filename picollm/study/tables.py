@@ -122,10 +122,14 @@ def lr_table(results: StudyResults, sweeps: list[dict[str, Any]]) -> Table:
         cells = [("—" if lr not in losses else "diverged" if losses[lr] is None else fmt_value(losses[lr], "3"))
                  for lr in rates]
         chosen = fmt_value(s["chosen"], "lr") + (" (edge)" if s["at_edge"] else "")
-        rows.append([s["label"], *cells, chosen])
-    return Table(["model", *[f"lr {fmt_value(lr, 'lr')}" for lr in rates], "chosen lr"], rows,
-                 "Final validation NLL (full split) of each sweep run; the model trains at the lowest. \"(edge)\": "
-                 "the best rate was at the edge of every rate tried, one grid step beyond included.")
+        if not s.get("trained", True):
+            chosen += " (no sweep run trained)"
+        rows.append([s["label"], *cells, f"{s.get('length', s['fraction']):g} ({s.get('steps', '—')})", chosen])
+    return Table(["model", *[f"lr {fmt_value(lr, 'lr')}" for lr in rates], "length (steps)", "chosen lr"], rows,
+                 "Final validation NLL (full split) of each sweep run at the length the rate was chosen at (a "
+                 "fraction of the run's steps: longer than the first when no rate trained at it); the model "
+                 "trains at the lowest. \"(edge)\": the best rate was at the edge of every rate tried, one grid "
+                 "step beyond included.")
 def _first_eval(e: Entry) -> dict[str, Any]:
     for r in e.finished or e.runs:
         if r.eval:

@@ -601,7 +601,7 @@ class _Trainer:
             log.close()
             return RunResult(out, {"status": "interrupted", "steps": step}, model)
         splits = {}
-        for split in ("train", "val", "test"):
+        for split in t.final_splits:  # an lr sweep run scores val only (lr_search.py)
             tokens = data.tokens(split)
             if len(tokens) < 2:
                 continue
