@@ -38,7 +38,7 @@ NOT_IDENTITY = {
     "out", "train.threads", "train.device", "train.compile", "train.wandb", "train.wandb_project",
     "train.wandb_run_name", "train.push_to_hub", "train.ckpt_interval", "train.keep_last",
     "train.log_interval", "train.sample_prompt", "train.sample_tokens", "data.num_proc", "data.cache_dir",
-    "train.lr_sweep_dir", "train.lr_found", "train.full_val_at",
+    "train.lr_sweep_dir", "train.lr_found", "train.full_val_at", "train.final_splits",
 }
 # the sweep's settings: part of the identity of an lr auto run only (a fixed rate ignores them)
 SWEEP_KEYS = ("train.lr_grid", "train.lr_sweep_fraction", "train.lr_sweep_seed")
