@@ -150,9 +150,10 @@ def format_dry_run(rows: list[dict[str, Any]], jobs: int = 1) -> str:
     todo = [r for r in rows if not r["finished"]]
     total = sum(r["est_seconds"] for r in todo)
     seeds = sorted({r["seed"] for r in runs})
-    sweep_text = (f", {len(sweeps)} lr sweep runs ({len({r['sweep'] for r in sweeps})} models x "
-                  f"{len(sweeps) // max(1, len({r['sweep'] for r in sweeps}))} rates; +1 per model whose best rate "
-                  "is at an edge of the grid)") if sweeps else ""
+    models = len({r["sweep"] for r in sweeps})
+    sweep_text = (f", {len(sweeps)} lr sweep runs ({models} models x {len(sweeps) // max(1, models)} rates; not "
+                  "counted: one more rate per model whose best is at an edge of the grid, and the grid again twice "
+                  "as long for a model none of whose sweep runs trained)") if sweeps else ""
     lines.append(f"{len(runs)} distinct runs ({len(seeds)} seed(s): {', '.join(map(str, seeds))}){sweep_text}; "
                  f"{len(rows) - len(todo)} finished, {len(todo)} to run: {duration(total)} of work"
                  + (f", about {duration(simulate(rows, jobs))} with {jobs} at a time" if jobs > 1 else "")

@@ -70,7 +70,7 @@ class Progress:
         with self.lock:
             self.active[job.key] = job
         if job.kind == "sweep":
-            self.write(f"[study] start {index}/{total} lr sweep {job.label} ({job.directory.parent.name})")
+            self.write(f"[study] start {index}/{total} lr sweep {job.label} ({job.sweep.key})")  # type: ignore[union-attr]
             return
         run = job.run
         assert run is not None
