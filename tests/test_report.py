@@ -378,6 +378,7 @@ def _finding(sections: dict, claim_start: str) -> list[str]:
     return next(r for r in _table(sections, "findings") if r[0].startswith(claim_start))
 
 
+@pytest.mark.slow
 def test_a_run_that_did_not_train_makes_its_checks_inconclusive(tmp_path, monkeypatch):
     def lstm_pico_stuck(run):
         numbers = original_numbers(run)
@@ -409,6 +410,7 @@ def test_a_run_that_did_not_train_makes_its_checks_inconclusive(tmp_path, monkey
     assert [r[-1] for r in runs if r[0] == "lstm-pico"] == ["finished, did not train"]
 
 
+@pytest.mark.slow
 def test_checks_between_runs_below_the_bigram_say_so(tmp_path, monkeypatch):
     def weak_k1(run):
         numbers = original_numbers(run)
@@ -431,6 +433,7 @@ def test_checks_between_runs_below_the_bigram_say_so(tmp_path, monkeypatch):
     assert margins["kgram-pico-k1-onehot"].startswith("+") and margins["kgram-pico-k5-onehot"].startswith("-")
 
 
+@pytest.mark.slow
 def test_verdicts_during_training_and_unsettled_claims(tmp_path, monkeypatch):
     def tiny_late(run):
         numbers = original_numbers(run)
@@ -451,6 +454,7 @@ def test_verdicts_during_training_and_unsettled_claims(tmp_path, monkeypatch):
     assert row[1] == "agrees (not settled at this budget)" and row[2] == "disagrees → disagrees → agrees"
 
 
+@pytest.mark.slow
 def test_learning_rates_equal_compute_and_single_seed_notice(tmp_path, monkeypatch):
     def edge(run):
         numbers = original_numbers(run)

@@ -293,6 +293,7 @@ def test_fault_then_resume_is_bit_identical(tmp_path, data_section, uninterrupte
     assert steps == list(range(1, 13))  # no step logged twice after the resume
 
 
+@pytest.mark.slow
 def test_full_validation_points_change_no_weight_and_are_logged_once_across_a_resume(tmp_path, data_section,
                                                                                       uninterrupted):
     """full_val_at evaluates the whole validation split at 25% and 50% of the steps (3 and 6 of 12). The

@@ -65,7 +65,7 @@ def equal_compute_text(result: EqualCompute) -> str:
     ranked = sorted(result.losses.items(), key=lambda kv: kv[1])
     parts = ", ".join(f"{label} {loss:.3f} (at {100 * result.fractions[label]:.0f}% of its run)"
                       for label, loss in ranked)
-    mid = [label for label, f in result.fractions.items() if f < 0.999]
+    mid = [label for label, f in result.fractions.items() if f < 0.9]  # well before the end of its decay
     text = (f"At equal training compute: at {result.flops:.2e} FLOPs, the largest count every run here reached, "
             f"{result.leader} is ahead; validation loss {parts}.")
     if mid:

@@ -33,7 +33,9 @@ def _eval_tokens(cfg: RunConfig, steps: int, split_tokens: dict[str, int], sweep
     subset = min(split_tokens["val"], t.eval_batches * eval_bs * T)
     periodic = (steps // t.eval_interval if t.eval_interval and not sweep else 0) + 1
     full_points = 0 if sweep else len([f for f in t.full_val_at if round(f * steps) < steps])
-    final = min(split_tokens["train"], split_tokens["val"]) + split_tokens["val"] + split_tokens["test"]
+    sizes = {"train": min(split_tokens["train"], split_tokens["val"]), "val": split_tokens["val"],
+             "test": split_tokens["test"]}  # the train split is scored on a subset as large as val
+    final = sum(sizes[s] for s in t.final_splits)  # a sweep run: val only
     return periodic * subset + full_points * split_tokens["val"] + final
 
 

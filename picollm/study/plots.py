@@ -171,13 +171,15 @@ def lr_plot(sweeps: list[dict[str, Any]], path: Path) -> Path | None:
     if not drawn:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8.5, 5.0), dpi=110)
+    fig, ax = plt.subplots(figsize=(10.5, 5.4), dpi=110)
     for i, s in enumerate(drawn):
         points = [(lr, loss) for lr, loss in s["losses"] if loss is not None]
         color = COLORS[i % len(COLORS)]
         style = STYLES[(i // len(COLORS)) % len(STYLES)]
+        length = s.get("length", s["fraction"])
+        label = s["label"] + (f" ({length:g} of the run)" if length != s["fraction"] else "")
         ax.plot([p[0] for p in points], [p[1] for p in points], style, color=color, marker="o", markersize=3,
-                linewidth=1.2, label=s["label"])
+                linewidth=1.2, label=label)
         chosen = dict(points).get(s["chosen"])
         if chosen is not None:
             ax.plot([s["chosen"]], [chosen], "*", color=color, markersize=11, markeredgecolor="black",
@@ -185,7 +187,8 @@ def lr_plot(sweeps: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final validation loss of the sweep run (nats/token)")
-    ax.set_title("Learning-rate sweeps (★ = the rate each model trains at)", fontsize=11)
+    ax.set_title("Learning-rate sweeps at the length each rate was chosen at (★ = the rate the model trains at)",
+                 fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=6.5, ncol=2 if len(drawn) > 8 else 1, loc="center left", bbox_to_anchor=(1.01, 0.5),
               framealpha=0.85)
