@@ -60,10 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_overrides(argv: list[str]) -> list[str]:
+    """`--train.lr 1e-3` as `--train.lr=1e-3`: argparse would otherwise hand the value of an override to
+    a verb's optional positional argument (`picollm study --data.cache_dir /scratch`)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag = argv[i]
+        if flag.startswith("--") and "=" not in flag and "." in flag and i + 1 < len(argv) \
+                and not argv[i + 1].startswith("--"):
+            out.append(f"{flag}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(flag)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # verbs that take dotted config overrides (--train.lr 1e-3) receive the flags argparse does not know
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_join_overrides(list(sys.argv[1:] if argv is None else argv)))
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra

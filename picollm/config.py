@@ -64,7 +64,12 @@ class TrainConfig:
 
     # optimisation
     optimizer: str = "adamw"  # adamw | adam | sgd
-    lr: float = 3e-4
+    lr: float | str = 3e-4  # the peak rate, or "auto": short runs over lr_grid choose it (training/lr_search.py)
+    lr_grid: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2])  # peak rates lr auto tries
+    lr_sweep_fraction: float = 0.25  # each sweep run trains this fraction of the run's steps
+    lr_sweep_dir: str | None = None  # where the sweep runs live; None: <out>/lr_sweep (a study shares one per model)
+    lr_sweep_seed: int | None = None  # the sweep runs' seed; None: train.seed (a study: its first seed)
+    lr_found: dict | None = None  # written by lr auto: the chosen rate and every sweep loss (a record, not a setting)
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.01
@@ -81,6 +86,9 @@ class TrainConfig:
     # evaluation, checkpoints, logging
     eval_interval: int = 200  # steps; 0 = only at the end
     eval_batches: int = 16  # size of the fixed validation subset used during training
+    full_val_at: list[float] = field(default_factory=list)  # fractions of the steps at which the FULL val split
+    # is evaluated too (rows of kind "eval_full" in metrics.jsonl; the study's verdicts during training)
+    final_splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])  # scored in summary.json
     eval_batch_size: int | None = None  # default: batch_size
     ckpt_interval: int = 1000  # steps; 0 = only at the end
     keep_last: int = 2
@@ -104,12 +112,25 @@ class TrainConfig:
 
     def validate(self) -> None:
         check(self.optimizer in ("adamw", "adam", "sgd"), "train.optimizer", "use adamw, adam or sgd")
-        check(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
+        auto = isinstance(self.lr, str)
+        check(not auto or self.lr == "auto", "train.lr", f"give a number or auto, got {self.lr!r}")
+        check(auto or self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
+        check(len(self.lr_grid) >= 2 and all(x > 0 for x in self.lr_grid)
+              and len(set(self.lr_grid)) == len(self.lr_grid), "train.lr_grid",
+              f"give two or more different positive rates, e.g. [1e-3, 3e-3, 1e-2, 3e-2], got {self.lr_grid}")
+        check(0 < self.lr_sweep_fraction <= 1, "train.lr_sweep_fraction", "must be in (0, 1]")
+        check(bool(self.final_splits) and all(x in ("train", "val", "test") for x in self.final_splits),
+              "train.final_splits", f"name one or more of train, val, test, got {self.final_splits}")
+        check(all(0 < f < 1 for f in self.full_val_at), "train.full_val_at",
+              f"give fractions of the run strictly between 0 and 1 (the end is always evaluated), "
+              f"got {self.full_val_at}")
         check(all(0 <= b < 1 for b in self.betas), "train.betas", "each beta must be in [0, 1)")
         check(self.schedule in ("cosine", "linear", "constant"), "train.schedule",
               "use cosine, linear or constant")
         check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
-        check(0 <= self.min_lr <= self.lr, "train.min_lr", "must be in [0, train.lr]")
+        peak = min(self.lr_grid) if auto else self.lr
+        check(0 <= self.min_lr <= peak, "train.min_lr",
+              "must be in [0, train.lr] (with lr auto: the lowest of lr_grid)")
         check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
         check(self.batch_size >= 1, "train.batch_size", "must be at least 1")
         check(self.grad_accum >= 1, "train.grad_accum", "must be at least 1")

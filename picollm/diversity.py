@@ -6,11 +6,12 @@ into another.
 
 - distinct-n = (number of different n-grams) / (number of n-grams), pooled over all texts: an
   n-gram that two continuations share counts once in the numerator. 1.0 = no n-gram occurs twice
-  anywhere; texts shorter than n contribute nothing; with no n-gram at all the value is 0.0.
+  anywhere; texts shorter than n contribute nothing. With no n-gram at all (every text shorter than n
+  words) the value is undefined: None, shown as n/a, never 0.0 (which would read as "no variety at all").
 - repetition-n = (n-gram occurrences that repeat an n-gram seen earlier in the same text) /
   (n-grams), pooled over all texts; equivalently 1 - sum_i distinct_i / sum_i total_i with the
   counts taken per text. It measures degenerate loops inside one continuation ("the dog ran. the dog
-  ran. ..."), not similarity between continuations. 0.0 = no text repeats itself (and no n-gram).
+  ran. ..."), not similarity between continuations. 0.0 = no text repeats itself; None = no n-gram.
 """
 
 from __future__ import annotations
@@ -63,38 +64,38 @@ def _repeated(units: Units, n: int) -> tuple[int, int]:
     return repeated, total
 
 
-def distinct_n(texts: Sequence[str], n: int, unit: str = "word", tokenizer: Any = None) -> float:
-    """Distinct n-grams / total n-grams, pooled over `texts` (0.0 when there is no n-gram)."""
-    _check_n(n)
-    distinct, total = _distinct(_units(texts, unit, tokenizer), n)
-    return distinct / total if total else 0.0
+def _ratio(part: int, total: int) -> float | None:
+    return part / total if total else None  # no n-gram: undefined, not 0
 
 
-def repetition_rate(texts: Sequence[str], n: int = 4, unit: str = "word", tokenizer: Any = None) -> float:
-    """Share of n-gram occurrences that repeat an earlier n-gram of the same text, pooled over `texts`."""
+def distinct_n(texts: Sequence[str], n: int, unit: str = "word", tokenizer: Any = None) -> float | None:
+    """Distinct n-grams / total n-grams, pooled over `texts` (None when there is no n-gram)."""
     _check_n(n)
-    repeated, total = _repeated(_units(texts, unit, tokenizer), n)
-    return repeated / total if total else 0.0
+    return _ratio(*_distinct(_units(texts, unit, tokenizer), n))
+
+
+def repetition_rate(texts: Sequence[str], n: int = 4, unit: str = "word", tokenizer: Any = None) -> float | None:
+    """Share of n-gram occurrences that repeat an earlier n-gram of the same text, pooled over `texts`
+    (None when there is no n-gram)."""
+    _check_n(n)
+    return _ratio(*_repeated(_units(texts, unit, tokenizer), n))
 
 
 def diversity_report(texts: Sequence[str], tokenizer: Any = None, max_n: int = 5,
-                     repetition_n: int = 4) -> dict[str, float | int]:
+                     repetition_n: int = 4) -> dict[str, float | int | None]:
     """distinct-1..max_n on words (`word_distinct_N`) and, with a tokenizer, on tokens
     (`token_distinct_N`), word repetition (`repetition_4`), and the counts behind them
-    (`texts`, `words`, `tokens`, `mean_words`)."""
+    (`texts`, `words`, `tokens`, `mean_words`). A rate with no n-gram to count is None."""
     words = _units(texts, "word")
-    report: dict[str, float | int] = {}
+    report: dict[str, float | int | None] = {}
     for n in range(1, max_n + 1):
-        d, t = _distinct(words, n)
-        report[f"word_distinct_{n}"] = d / t if t else 0.0
+        report[f"word_distinct_{n}"] = _ratio(*_distinct(words, n))
     if tokenizer is not None:
         tokens = _units(texts, "token", tokenizer)
         for n in range(1, max_n + 1):
-            d, t = _distinct(tokens, n)
-            report[f"token_distinct_{n}"] = d / t if t else 0.0
+            report[f"token_distinct_{n}"] = _ratio(*_distinct(tokens, n))
         report["tokens"] = sum(len(t) for t in tokens)
-    r, t = _repeated(words, repetition_n)
-    report[f"repetition_{repetition_n}"] = r / t if t else 0.0
+    report[f"repetition_{repetition_n}"] = _ratio(*_repeated(words, repetition_n))
     report["texts"] = len(words)
     report["words"] = sum(len(w) for w in words)
     report["mean_words"] = report["words"] / len(words) if words else 0.0

@@ -10,6 +10,10 @@ class UserError(Exception):
     """A mistake the user can fix; the message names the file, key or value and the fix."""
 
 
+class TrainingDiverged(UserError):
+    """Too many consecutive non-finite steps: the recipe (lr, clipping, dtype) needs changing."""
+
+
 def check(condition: bool, key: str, message: str) -> None:
     """Raise a UserError naming config key `key` unless `condition` holds."""
     if not condition:

@@ -42,6 +42,7 @@ EVAL = "eval.json"
 CHECKPOINTS = "checkpoints"
 BEST = "best"
 FINAL = "final"
+STUDY = "study.json"  # a study directory's record (picollm.study.plan writes it)
 MODEL_CONFIG = "config.json"  # what makes a directory a model checkpoint (picollm.checkpoint writes it)
 # what a fresh start (not a resume) deletes from an existing run directory
 OUTPUTS = (CHECKPOINTS, BEST, FINAL, METRICS, SUMMARY)
@@ -87,14 +88,14 @@ def read_run_config(out: Path) -> RunConfig:
         raise UserError(f"{path}: {exc}") from None
 
 
-def read_json(path: Path) -> Any:
-    """The JSON in `path`, or None where it is missing or unreadable (a run that never finished)."""
-    if not path.is_file():
-        return None
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None where it is missing, unreadable or not an object (a run that
+    never finished, a damaged file)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def read_summary(out: Path) -> dict[str, Any] | None:

@@ -17,7 +17,9 @@ def test_defaults_are_the_study_recipe():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"train.lrr": 1.0}, "unknown config key train.lrr; allowed in 'train':"),
-    ({"train.lr": "fast"}, "config key 'train.lr': expected a number, got 'fast'"),
+    ({"train.lr": "fast"}, "config key 'train.lr': give a number or auto, got 'fast'"),
+    ({"train.lr_grid": [1e-3]}, "config key 'train.lr_grid': give two or more different positive rates"),
+    ({"train.full_val_at": [0.5, 1.0]}, "config key 'train.full_val_at': give fractions of the run strictly"),
     ({"train.lr": -1.0}, "config key 'train.lr': must be positive"),
     ({"train.batch_size": 2.5}, "config key 'train.batch_size': expected an integer"),
     ({"train.schedule": "step"}, "config key 'train.schedule': use cosine, linear or constant"),

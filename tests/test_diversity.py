@@ -25,8 +25,8 @@ def test_distinct_1_and_2_by_hand():
     assert distinct_n(texts, 2) == pytest.approx(1.0)
     # trigrams: one per text, different
     assert distinct_n(texts, 3) == pytest.approx(1.0)
-    # no 4-grams at all
-    assert distinct_n(texts, 4) == 0.0
+    # no 4-grams at all: undefined, not 0 (0 would read as "no variety")
+    assert distinct_n(texts, 4) is None
 
 
 def test_distinct_pools_over_texts_and_never_crosses_them():
@@ -57,7 +57,7 @@ def test_repetition_rate_by_hand():
     # pooled: 5 repeats of 9 + 0 of 3
     assert repetition_rate([loop, "a b c d e f"]) == pytest.approx(5 / 12)
     assert repetition_rate(["a a a"], n=1) == pytest.approx(2 / 3)
-    assert repetition_rate([]) == 0.0
+    assert repetition_rate([]) is None and repetition_rate(["a b c"]) is None
 
 
 def test_bad_arguments():
@@ -72,8 +72,8 @@ def test_bad_arguments():
 def test_report():
     report = diversity_report(["the cat sat", "the dog sat"], tokenizer=CharTokenizer())
     assert report["word_distinct_1"] == pytest.approx(4 / 6)
-    assert report["word_distinct_5"] == 0.0
+    assert report["word_distinct_5"] is None and report["word_distinct_3"] == pytest.approx(1.0)
     assert report["token_distinct_1"] == pytest.approx(len(set("the cat sat" + "the dog sat")) / 22)
-    assert report["repetition_4"] == 0.0
+    assert report["repetition_4"] is None  # no text has 4 words
     assert report["texts"] == 2 and report["words"] == 6 and report["tokens"] == 22
     assert "token_distinct_3" not in diversity_report(["a"])

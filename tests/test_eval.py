@@ -257,8 +257,11 @@ def test_diversity_eval(bpe):
     assert list(report) == ["greedy", "top-p=0.9", "top-p=1.0"]
     for entry in report.values():
         assert 0 <= entry["word_distinct_1"] <= 1 and 0 <= entry["token_distinct_5"] <= 1
-        assert 0 <= entry["repetition_4"] <= 1
         assert len(entry["continuations"]) == 3
+        # repetition-4 is undefined (None) exactly when no continuation has 4 words
+        longest = max(len(t.split()) for t in entry["continuations"])
+        assert (entry["repetition_4"] is None) == (longest < 4)
+        assert entry["repetition_4"] is None or 0 <= entry["repetition_4"] <= 1
     again = diversity_eval(model, prompts, strategies, max_new_tokens=12, seed=0, return_texts=True,
                            batch_size=2)
     assert again == report  # deterministic by seed

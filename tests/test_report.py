@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from picollm.study import runner
+from picollm.study import plan as study_plan
 from picollm.study.findings import AGREES, DISAGREES, NOISE, check_claims
 from picollm.study.report import build_study_report
 from picollm.study.results import load_results
@@ -29,12 +29,26 @@ VOCAB = 4096
 # made-up logs
 
 
-def _fake_prepare(data_cfg, progress):  # noqa: ARG001 - the signature of runner._prepare
+def _fake_prepare(data_cfg, progress):  # noqa: ARG001 - the signature of plan._prepare
     tokenizer = SimpleNamespace(vocab_size=VOCAB, name="bpe:4096", eot_id=VOCAB - 1)
-    return SimpleNamespace(tokenizer=tokenizer, num_tokens=lambda split: 465_000 if split == "train" else 25_000)
+    return SimpleNamespace(tokenizer=tokenizer, num_tokens=lambda split: 465_000 if split == "train" else 25_000,
+                           directory=Path("/cache/prepared/fake-data"))
 
 
-def original_numbers(run: runner.StudyRun) -> dict[str, Any]:
+def _split(nll: float, bpb: float) -> dict[str, float]:
+    return {"nll": nll, "ppl": math.exp(nll), "bpb": bpb, "tokens": 25_000}
+
+
+# made-up baselines of the fake data: a run above (5.0 + 6.0) / 2 = 5.5 nats did not train
+FAKE_BASELINES = {"fake-data": {
+    "format": 1, "vocab_size": VOCAB, "bigram": "bigram_interpolated", "data": "fake-data",
+    "models": {"unigram": {"name": "unigram", "val": _split(6.0, 2.2), "test": _split(6.02, 2.21)},
+               "bigram_add_k": {"name": "bigram (add-0.01)", "val": _split(5.1, 1.9), "test": _split(5.12, 1.91)},
+               "bigram_interpolated": {"name": "bigram (interpolated, λ = 0.850)", "val": _split(5.0, 1.85),
+                                       "test": _split(5.02, 1.86)}}}}
+
+
+def original_numbers(run: study_plan.StudyRun) -> dict[str, Any]:
     """Numbers for which every claim of the original study holds."""
     t, m = run.tags, run.config["model"]
     family, size = t["family"], t.get("size")
@@ -63,7 +77,7 @@ def original_numbers(run: runner.StudyRun) -> dict[str, Any]:
     return {"loss": loss, "rate": rate, "noise": noise, "diversity": diversity}
 
 
-def kgram_wins(run: runner.StudyRun) -> dict[str, Any]:
+def kgram_wins(run: study_plan.StudyRun) -> dict[str, Any]:
     """As the original, but every k-gram MLP is far better than the other families."""
     numbers = original_numbers(run)
     if run.tags["family"] == "kgram":
@@ -72,7 +86,7 @@ def kgram_wins(run: runner.StudyRun) -> dict[str, Any]:
     return numbers
 
 
-def write_fake_run(run: runner.StudyRun, numbers: dict[str, Any], evals: int = 12,
+def write_fake_run(run: study_plan.StudyRun, numbers: dict[str, Any], evals: int = 12,
                    strategies: tuple[str, ...] = ("greedy", "top-p 0.9", "top-p 1.0")) -> None:
     d = run.directory
     d.mkdir(parents=True, exist_ok=True)
@@ -89,8 +103,13 @@ def write_fake_run(run: runner.StudyRun, numbers: dict[str, Any], evals: int = 1
         rows.append({"kind": "eval", "step": 20 * i, "tokens": tokens, "epoch": tokens / 465_000,
                      "val_loss": val, "val_ppl": math.exp(val), "val_bpb": val / math.log(2) / 4,
                      "elapsed": 2.0 * i, "sample": "Once upon a time"})
+    for fraction, i in ((0.25, evals // 4), (0.5, evals // 2)):  # the full-split points during training
+        val = loss + (math.log(VOCAB) - loss) * math.exp(-numbers["rate"] * i) + numbers.get("early", 0.0)
+        rows.append({"kind": "eval_full", "step": 20 * i, "tokens": 20_000 * i, "fraction": fraction,
+                     "val_loss": val, "val_bpb": val / math.log(2) / 4})
+    rows.sort(key=lambda r: r["step"])
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    final = rows[-1]["val_loss"]
+    final = loss + (math.log(VOCAB) - loss) * math.exp(-numbers["rate"] * evals) + numbers["noise"] * (-1) ** evals
 
     def split(nll: float) -> dict[str, float]:
         return {"nll": nll, "ppl": math.exp(nll), "bpb": nll / math.log(2) / 4.1, "tokens": 25_000,
@@ -102,7 +121,14 @@ def write_fake_run(run: runner.StudyRun, numbers: dict[str, Any], evals: int = 1
                "peak_memory_mb": 300.0, "unigram_entropy": 6.0, "best_val_loss": min(r["val_loss"] for r in rows
                                                                                        if r["kind"] == "eval"),
                "train": split(final - 0.02), "val": split(final), "test": split(final + 0.01),
-               "tokenizer": "bpe:4096", "vocab_size": VOCAB, "context_length": 64}
+               "tokenizer": "bpe:4096", "vocab_size": VOCAB, "context_length": 64, "lr": 5e-3}
+    if run.config["train"]["lr"] == "auto":  # the sweep that chose the rate (its seeds share it)
+        summary["lr"] = numbers.get("lr", 3e-3)
+        summary["lr_sweep"] = {"dir": run.config["train"]["lr_sweep_dir"], "grid": [1e-3, 3e-3, 1e-2, 3e-2],
+                               "fraction": 0.25, "seed": 0, "steps": 100, "wall_time_s": 8.0,
+                               "chosen": summary["lr"], "at_edge": summary["lr"] == 3e-2,
+                               "losses": [[1e-3, loss + 0.2], [3e-3, loss + 0.1], [1e-2, loss + 0.15],
+                                          [3e-2, None if numbers.get("diverges") else loss + 0.3]]}
     (d / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
     base = numbers["diversity"]
     per_strategy = {"greedy": (base - 0.3, 0.40), "top-p 0.9": (base, 0.10), "top-p 1.0": (base + 0.1, 0.05)}
@@ -111,6 +137,8 @@ def write_fake_run(run: runner.StudyRun, numbers: dict[str, Any], evals: int = 1
         score, repetition = per_strategy[name]
         diversity[name] = {**{f"word_distinct_{n}": min(1.0, score + 0.04 * (n - 3)) for n in range(1, 6)},
                            "repetition_4": repetition, "texts": 10, "words": 200, "mean_words": 20.0}
+        if name == "greedy" and numbers.get("short_greedy"):  # every continuation under 4 words
+            diversity[name].update({"word_distinct_4": None, "word_distinct_5": None, "repetition_4": None})
         samples[name] = [f"{name} story {i} of {run.label}: the cat sat." for i in range(10)]
     record = {"settings": {}, "prompts": [f"Once upon a time {i}" for i in range(10)], "diversity": diversity,
               "samples": samples,
@@ -120,9 +148,10 @@ def write_fake_run(run: runner.StudyRun, numbers: dict[str, Any], evals: int = 1
 
 
 def make_fake_study(root: Path, numbers, seeds: int = 1, monkeypatch=None) -> Path:
-    monkeypatch.setattr(runner, "_prepare", _fake_prepare)
-    plan = runner.plan_study(load_study(), root, budget="quick", seeds=seeds, progress=False)
-    runner.write_study_json(plan)
+    monkeypatch.setattr(study_plan, "_prepare", _fake_prepare)
+    plan = study_plan.plan_study(load_study(), root, budget="quick", seeds=seeds, progress=False)
+    plan.baselines = FAKE_BASELINES
+    study_plan.write_study_json(plan)
     for run in plan.runs.values():
         write_fake_run(run, numbers(run))
     return root
@@ -192,6 +221,9 @@ def check_report(index: Path, groups: list[str], decoding: str = "decoding") -> 
         for table in sec["tables"]:
             assert len(table) >= 2, f"group {name} has an empty table"
             for row in table[1:]:
+                if row[0].endswith("(baseline)"):  # the unigram and bigram rows: losses only
+                    assert all(row[table[0].index(c)] != "—" for c in ("val NLL", "test NLL", "val bpb"))
+                    continue
                 assert all(cell and cell != "—" for cell in row), f"group {name}: empty cell in {row}"
     for sec in sections.values():
         for src in sec["images"]:
@@ -336,3 +368,125 @@ def test_unfinished_runs_are_reported_not_crashed_on(tmp_path, monkeypatch, miss
     assert "lstm-tiny" in text
     if missing == "summary.json":
         assert "1 of 1 runs not finished" in text
+
+
+def _table(sections: dict, section: str, index: int = 0) -> list[list[str]]:
+    return sections[section]["tables"][index]
+
+
+def _finding(sections: dict, claim_start: str) -> list[str]:
+    return next(r for r in _table(sections, "findings") if r[0].startswith(claim_start))
+
+
+@pytest.mark.slow
+def test_a_run_that_did_not_train_makes_its_checks_inconclusive(tmp_path, monkeypatch):
+    def lstm_pico_stuck(run):
+        numbers = original_numbers(run)
+        if run.tags["family"] == "lstm" and run.tags.get("size") == "pico":
+            numbers["loss"] = 5.8  # above (unigram 6.0 + bigram 5.0) / 2 = 5.5 on validation NLL
+        return numbers
+
+    study = make_fake_study(tmp_path / "study", lstm_pico_stuck, monkeypatch=monkeypatch)
+    results = load_results(study)
+    found = {f.claim: f for f in check_claims(results)}
+    larger = found["Larger LSTMs converge quicker and reach lower test perplexity."]
+    assert larger.verdict == "inconclusive" and larger.shown == "inconclusive (lstm-pico did not train)"
+    # tiny vs small still compares two runs that trained: their checks keep their verdicts
+    assert [c.verdict for c in larger.checks] == ["inconclusive", "inconclusive", AGREES, AGREES]
+    order = next(f for c, f in found.items() if c.startswith("Among the pico models the LSTM"))
+    assert order.verdict == "inconclusive"
+    assert found["Raising K (1 → 3 → 5) lowers validation loss."].verdict == AGREES  # no LSTM in it
+    sections = read_page(build_study_report(study))
+    row = _finding(sections, "Larger LSTMs")
+    assert row[1] == "inconclusive (lstm-pico did not train)"
+    # 5: sizes of the LSTM, the pico order and three claims about the best picos' text (lstm-pico among them)
+    assert "5 inconclusive (a run did not train)" in (study / "report" / "report.md").read_text()
+    greedy = found["Greedy decoding repeats phrases most."]
+    assert {c.verdict for c in greedy.checks if c.text.startswith("lstm-pico")} == {"inconclusive"}
+    assert {c.verdict for c in greedy.checks if not c.text.startswith("lstm-pico")} == {AGREES}
+    size = _table(sections, "group-size")
+    assert [r[0] for r in size if r[0].startswith("lstm-pico")] == ["lstm-pico — did not train"]
+    runs = _table(sections, "runs")
+    assert [r[-1] for r in runs if r[0] == "lstm-pico"] == ["finished, did not train"]
+
+
+@pytest.mark.slow
+def test_checks_between_runs_below_the_bigram_say_so(tmp_path, monkeypatch):
+    def weak_k1(run):
+        numbers = original_numbers(run)
+        if run.tags["family"] == "kgram" and run.config["model"].get("k") == 1:
+            numbers["loss"] = 5.2 + (0.05 if run.config["model"]["input"] == "scaled" else 0.0)  # trained, < bigram
+        return numbers
+
+    study = make_fake_study(tmp_path / "study", weak_k1, monkeypatch=monkeypatch)
+    found = {f.claim: f for f in check_claims(load_results(study))}
+    smoother = found["Scaled-embedding curves are smoother than one-hot curves."]
+    k1 = [c for c in smoother.checks if "k1" in c.text]
+    assert len(k1) == 1 and k1[0].note == "both below the bigram baseline" and k1[0].verdict == AGREES
+    assert "both below the bigram baseline" in k1[0].evidence
+    assert all(not c.note for c in smoother.checks if "k1" not in c.text)
+    sections = read_page(build_study_report(study))
+    assert "1 comparisons between runs that are all below the bigram baseline" in \
+        (study / "report" / "report.md").read_text()
+    margins = {r[0]: r[_table(sections, "group-kgram")[0].index("val NLL − bigram")]
+               for r in _table(sections, "group-kgram")[1:]}
+    assert margins["kgram-pico-k1-onehot"].startswith("+") and margins["kgram-pico-k5-onehot"].startswith("-")
+
+
+@pytest.mark.slow
+def test_verdicts_during_training_and_unsettled_claims(tmp_path, monkeypatch):
+    def tiny_late(run):
+        numbers = original_numbers(run)
+        if run.tags["family"] == "transformer" and run.tags.get("size") == "tiny":
+            numbers["early"] = 1.5  # worse than the pico at 25% and 50% of the run, better at the end
+        return numbers
+
+    study = make_fake_study(tmp_path / "study", tiny_late, monkeypatch=monkeypatch)
+    found = {f.claim: f for f in check_claims(load_results(study))}
+    larger = found["Larger Transformers converge quicker and reach lower test perplexity."]
+    assert larger.verdict == AGREES and larger.trend == [DISAGREES, DISAGREES, AGREES] and not larger.settled
+    first = larger.checks[0]
+    assert first.trend == [DISAGREES, DISAGREES, AGREES]
+    assert "during training: disagrees → disagrees → agrees" in first.evidence
+    assert found["Larger LSTMs converge quicker and reach lower test perplexity."].trend == [AGREES] * 3
+    assert found["Greedy decoding repeats phrases most."].trend == []  # not a loss: no trend
+    row = _finding(read_page(build_study_report(study)), "Larger Transformers")
+    assert row[1] == "agrees (not settled at this budget)" and row[2] == "disagrees → disagrees → agrees"
+
+
+@pytest.mark.slow
+def test_learning_rates_equal_compute_and_single_seed_notice(tmp_path, monkeypatch):
+    def edge(run):
+        numbers = original_numbers(run)
+        if run.tags["family"] == "lstm" and run.tags.get("size") == "tiny":
+            numbers["lr"] = 3e-2  # the sweep's best rate is the grid's top: "(edge)"
+        if run.tags["family"] == "lstm" and run.tags.get("size") == "pico":
+            numbers["short_greedy"] = True
+        return numbers
+
+    study = make_fake_study(tmp_path / "study", edge, monkeypatch=monkeypatch)
+    index = build_study_report(study)
+    sections = read_page(index)
+    md = (study / "report" / "report.md").read_text()
+    assert md.index("Verdicts are single-seed") < md.index("## Contents")
+    # the lr sweeps: a plot and a table with every model's losses and chosen rate
+    lrs = sections["learning-rates"]
+    assert len(lrs["images"]) == 1
+    chosen = {r[0]: r[-1] for r in lrs["tables"][0][1:]}
+    assert len(chosen) == 23 and chosen["lstm-tiny"] == "0.03 (edge)" and chosen["lstm-pico"] == "0.003"
+    assert "lr at grid edge: lstm-tiny" in md
+    size = _table(sections, "group-size")
+    assert {r[0]: r[1] for r in size[1:]}["lstm-tiny"] == "0.03 (edge)"
+    # equal compute in the best and equal groups: a FLOPs plot and the sentence
+    for group in ("group-best", "group-equal"):
+        assert "At equal training compute: at " in md.split(f'id="{group}"')[1].split("<a id=")[0]
+    assert len(sections["group-equal"]["images"]) == 3  # curves, FLOPs, parameters
+    # undefined distinct-n is n/a, left out of the diversity score
+    diversity = _table(sections, "group-size", 1)
+    greedy = next(r for r in diversity if r[0] == "lstm-pico" and r[1] == "greedy")
+    assert greedy[5:8] == ["n/a", "n/a", "n/a"]
+    assert float(greedy[8]) == pytest.approx((0.12 + 0.16 + 0.20) / 3)
+    # with two seeds the notice is gone
+    two = make_fake_study(tmp_path / "two", original_numbers, seeds=2, monkeypatch=monkeypatch)
+    build_study_report(two)
+    assert "Verdicts are single-seed" not in (two / "report" / "report.md").read_text()

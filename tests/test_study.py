@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from test_report import check_report
 
 from picollm.cli import main
@@ -22,6 +23,11 @@ base:
           lr: 3.0e-3, sample_tokens: 4, threads: 1}
 budgets:
   tiny: {description: the test's own budget}
+  tuned:
+    description: lr auto and two seeds
+    tune: true
+    seeds: 2
+    set: {train.lr_grid: [0.001, 0.01], train.max_steps: 8}
   tinier:
     description: even fewer steps
     set: {train.max_steps: 6}
@@ -61,8 +67,9 @@ def tiny_study(tmp_path: Path) -> Path:
 
 
 def _study(tiny_study: Path, out: Path, sample_path: Path, cache_dir: Path, *extra: str) -> int:
-    return main(["study", str(tiny_study), "--data", str(sample_path), "--out", str(out), "--no-progress",
-                 f"--data.cache_dir={cache_dir}", "--jobs", "1", *extra])
+    # the override as two words: its value must not be taken for the optional STUDY.yaml
+    return main(["study", "--data", str(sample_path), "--out", str(out), "--no-progress",
+                 "--data.cache_dir", str(cache_dir), str(tiny_study), "--jobs", "1", *extra])
 
 
 @pytest.mark.slow
@@ -94,8 +101,13 @@ def test_tiny_study_end_to_end(tiny_study, tmp_path, sample_path, cache_dir, cap
     dec = sections["group-decoding"]
     assert dec["images"] and [len(t) for t in dec["tables"]] == [10, 4]  # 3 models x 3 strategies; 3 models
     findings = sections["findings"]["tables"][0]
-    assert len(findings) == 17 and all(r[1] in ("agrees", "disagrees", "within noise", "not checked")
-                                       for r in findings[1:])
+    assert len(findings) == 17 and all(r[1].split(" (")[0] in ("agrees", "disagrees", "within noise", "not checked",
+                                                                "inconclusive") for r in findings[1:])
+    # 12 steps of a 300-token vocabulary: most runs have not beaten the bigram of the real data yet
+    record = json.loads((out / "study.json").read_text())
+    baseline = next(iter(record["baselines"].values()))
+    assert baseline["models"]["unigram"]["val"]["nll"] > baseline["models"][baseline["bigram"]]["val"]["nll"]
+    assert any("did not train" in r[1] for r in findings[1:])
 
     # again: everything is reused, nothing trains
     assert _study(tiny_study, out, sample_path, cache_dir) == 0
@@ -149,3 +161,53 @@ def test_jobs_train_runs_in_parallel_processes_with_the_same_results(tiny_study,
         assert sa["test"]["nll"] == pytest.approx(sb["test"]["nll"], abs=1e-6)
         ea, eb = (json.loads((p / "eval.json").read_text()) for p in (a, b))
         assert ea["samples"] == eb["samples"]
+
+
+@pytest.mark.slow
+def test_tuned_budget_sweeps_once_per_model_and_its_seeds_train_at_the_chosen_rate(tiny_study, tmp_path, sample_path,
+                                                                                     cache_dir, capsys):
+    out = tmp_path / "study"
+    args = ("--budget", "tuned", "--only", "lstm-pico,kgram-pico-k1-onehot", "--no-report")
+    # the dry run lists both seeds of each model and the sweep runs, each with an estimate
+    assert _study(tiny_study, out, sample_path, cache_dir, *args, "--dry-run") == 0
+    lines = capsys.readouterr().out.splitlines()
+    seeds = [ln.split()[1] for ln in lines if ln.startswith(("lstm-pico ", "kgram-pico-k1-onehot ")) and " size" in ln
+             or ln.startswith("kgram-pico-k1-onehot ") and " kgram " in ln]
+    assert sorted(seeds) == ["0", "0", "1", "1"]
+    sweep_rows = [ln for ln in lines if " lr sweep " in ln and "distinct runs" not in ln]
+    assert len(sweep_rows) == 4 and all(ln.endswith("to train") and ln.split()[-3].endswith("s")
+                                        for ln in sweep_rows)
+    assert "4 lr sweep runs (2 models x 2 rates" in lines[-1]
+
+    assert _study(tiny_study, out, sample_path, cache_dir, *args, "--jobs", "2") == 0
+    capsys.readouterr()
+    record = json.loads((out / "study.json").read_text())
+    assert len(record["runs"]) == 4 and len(record["sweeps"]) == 2
+    for key, sweep in record["sweeps"].items():
+        runs = [record["runs"][rid] for rid in sweep["runs"]]
+        assert [r["seed"] for r in runs] == [0, 1] and all(r["sweep"] == key for r in runs)
+        summaries = [json.loads((out / r["dir"] / "summary.json").read_text()) for r in runs]
+        found = summaries[0]["lr_sweep"]
+        rates = sorted(float(p.name[3:]) for p in (out / sweep["dir"] / f"f{found['length']:g}").iterdir())
+        assert rates[:2] == [0.001, 0.01] or rates[1:] == [0.001, 0.01]  # + one beyond an edge
+        chosen = found["chosen"]
+        losses = {lr: loss for lr, loss in found["losses"]}
+        assert chosen == min(losses, key=losses.get) and sorted(losses) == rates
+        # the lengths tried: a quarter, then twice as long while no rate trained
+        assert [r["length"] for r in found["rounds"]] == [0.25, 0.5, 1.0][:len(found["rounds"])]
+        assert found["trained"] or found["length"] == 1.0
+        assert [s["lr"] for s in summaries] == [chosen, chosen]  # both seeds at the rate of the one sweep
+        config = yaml.safe_load((out / runs[1]["dir"] / "config.yaml").read_text())
+        assert config["train"]["lr"] == chosen and config["train"]["seed"] == 1
+    # again: nothing trains, no sweep runs
+    assert _study(tiny_study, out, sample_path, cache_dir, *args, "--jobs", "2") == 0
+    err = capsys.readouterr().err
+    assert "4 of 4 runs are finished already" in err and "[study] start" not in err
+    # --no-tune: the budget's fixed rate, no sweep
+    assert _study(tiny_study, out, sample_path, cache_dir, *args, "--no-tune", "--seeds", "1") == 0
+    err = capsys.readouterr().err
+    assert "no lr tuning" in err and "start 1/2 lr sweep" not in err and err.count("[study] done") == 2
+    record = json.loads((out / "study.json").read_text())
+    assert not record["sweeps"] and not record["tune"]
+    assert {json.loads((out / r["dir"] / "summary.json").read_text())["lr"] for r in record["runs"].values()} \
+        == {3e-3}

@@ -9,7 +9,7 @@ import yaml
 
 from picollm.config import RunConfig, from_dict
 from picollm.errors import UserError
-from picollm.study import runner
+from picollm.study import plan as study_plan
 from picollm.study.spec import expand, load_study, parse_study
 
 
@@ -38,7 +38,7 @@ def test_the_builtin_study_is_valid_and_has_every_group():
     spec = load_study()
     assert list(spec.groups) == ["size", "kgram", "transformer", "best", "decoding", "equal"]
     assert set(spec.budgets) == {"quick", "full"} and spec.default_budget == "quick"
-    groups = {g.spec.name: g for g in expand(spec, "quick")}
+    groups = {g.spec.name: g for g in expand(spec, "quick", seeds=1)}
     assert len(groups["size"].runs) == 12 and len(groups["kgram"].runs) == 6
     assert len(groups["transformer"].runs) == 6 and len(groups["equal"].runs) == 3
     assert not groups["best"].runs and groups["best"].spec.select is not None
@@ -47,6 +47,48 @@ def test_the_builtin_study_is_valid_and_has_every_group():
     assert cfg["data"]["tokenizer"] == "gpt2" and cfg["data"]["split"] == [0.98, 0.01, 0.01]
     assert cfg["train"]["epochs"] == 5 and cfg["train"]["lr"] == 3e-4 and cfg["train"]["batch_size"] == 64
     assert cfg["train"].get("max_tokens") is None and cfg["data"]["num_stories"] == 1_000_000
+
+
+def test_quick_tunes_with_two_seeds_and_no_tune_or_full_leave_the_rate_alone():
+    spec = load_study()
+    quick = [r for g in expand(spec, "quick") for r in g.runs]
+    assert sorted({r.seed for r in quick}) == [0, 1]  # the budget's seeds
+    assert {r.config_dict()["train"]["lr"] for r in quick} == {"auto"}
+    assert quick[0].config_dict()["train"]["lr_grid"] == [1e-3, 3e-3, 1e-2, 3e-2]
+    # --no-tune: the budget's fixed rate; the full budget: the original 3e-4, no sweep
+    fixed = [r for g in expand(spec, "quick", seeds=1, tune=False) for r in g.runs]
+    assert {r.config_dict()["train"]["lr"] for r in fixed} == {5e-3} and {r.seed for r in fixed} == {0}
+    full = [r for g in expand(spec, "full") for r in g.runs]
+    assert {r.config_dict()["train"]["lr"] for r in full} == {3e-4} and {r.seed for r in full} == {0}
+    # a rate set on the command line (or by a block or rule) is never tuned
+    cli = [r for g in expand(spec, "quick", cli={"train.lr": 2e-3}) for r in g.runs]
+    assert {r.config_dict()["train"]["lr"] for r in cli} == {2e-3}
+
+
+def test_no_tune_leaves_plans_without_sweeps_and_their_run_ids_unchanged(tmp_path, monkeypatch):
+    monkeypatch.setattr(study_plan, "_prepare", _fake_prepare)
+    spec = load_study()
+    tuned = study_plan.plan_study(spec, tmp_path, only=["kgram-pico-k1-*"], progress=False)
+    assert len(tuned.runs) == 4 and len(tuned.sweeps) == 2  # 2 models x 2 seeds share 2 sweeps
+    for sweep in tuned.sweeps.values():
+        seeds = [tuned.runs[rid] for rid in sweep.runs]
+        assert [r.seed for r in seeds] == [0, 1]
+        assert sweep.key == f"{seeds[0].directory.name}"  # named after the first seed's run
+        for run in seeds:
+            t = run.config["train"]
+            assert t["lr"] == "auto" and t["lr_sweep_seed"] == 0 and t["lr_sweep_dir"] == str(sweep.directory)
+    fixed = study_plan.plan_study(spec, tmp_path, only=["kgram-pico-k1-*"], seeds=1, tune=False, progress=False)
+    assert not fixed.sweeps and {r.config["train"]["lr"] for r in fixed.runs.values()} == {5e-3}
+    # a fixed rate hashes as before the sweep settings existed: changing them changes no id
+    run = next(iter(fixed.runs.values()))
+    cfg = from_dict(RunConfig, run.config)
+    cfg.train.lr_grid, cfg.train.lr_sweep_fraction, cfg.train.full_val_at = [1.0, 2.0], 0.5, []
+    assert study_plan.run_identity(cfg) == run.run_id
+    # an lr auto run hashes its grid, not a rate
+    auto = from_dict(RunConfig, next(iter(tuned.runs.values())).config)
+    before = study_plan.run_identity(auto)
+    auto.train.lr_grid = [1e-3, 1e-2]
+    assert study_plan.run_identity(auto) != before
 
 
 def test_grid_over_dotted_keys_labels_tags_and_budget_rules():
@@ -99,31 +141,31 @@ def _fake_prepare(data_cfg, progress):  # noqa: ARG001
 
 
 def test_identity_is_shared_across_groups_and_ignores_how_a_run_is_carried_out(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "_prepare", _fake_prepare)
+    monkeypatch.setattr(study_plan, "_prepare", _fake_prepare)
     text = MINIMAL + """
   again:
     runs:
       - {name: "same-as-k1-onehot", preset: kgram-pico, set: {model.k: 1, model.input: onehot, model.dropout: 0.0}}
 """
-    plan = runner.plan_study(_spec(text), tmp_path, progress=False)
+    plan = study_plan.plan_study(_spec(text), tmp_path, progress=False)
     assert len(plan.runs) == 6  # 'again' reuses g's kgram-k1-onehot (dropout 0.0 is the default)
     shared = next(r for r in plan.runs.values() if r.label == "kgram-k1-onehot")
     assert shared.uses == [("g", "kgram-k1-onehot"), ("again", "same-as-k1-onehot")]
     assert shared.config["model"]["vocab_size"] == 300
     cfg = from_dict(RunConfig, shared.config)
-    ident = runner.run_identity(cfg)
+    ident = study_plan.run_identity(cfg)
     cfg.train.threads, cfg.train.device, cfg.out = 1, "cpu", "elsewhere"
-    assert runner.run_identity(cfg) == ident
+    assert study_plan.run_identity(cfg) == ident
     cfg.train.seed = 1
-    assert runner.run_identity(cfg) != ident
+    assert study_plan.run_identity(cfg) != ident
     # a directory found under its id is reused even if its label changed
     (tmp_path / "runs" / f"renamed-{ident}").mkdir(parents=True)
-    plan = runner.plan_study(_spec(text), tmp_path, progress=False)
+    plan = study_plan.plan_study(_spec(text), tmp_path, progress=False)
     assert next(r for r in plan.runs.values() if r.run_id == ident).directory.name == f"renamed-{ident}"
 
 
 def test_evals_per_run_and_parameter_matching(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "_prepare", _fake_prepare)
+    monkeypatch.setattr(study_plan, "_prepare", _fake_prepare)
     text = """
 default_budget: b
 base: {model: {context_length: 16}, train: {batch_size: 4, max_tokens: 6400}}
@@ -134,7 +176,7 @@ groups:
       - {name: lstm, set: {model.family: lstm}, match: {target: transformer-pico}}
       - {name: kgram, set: {model.family: kgram, model.input: onehot}, match: {target: 50000}}
 """
-    plan = runner.plan_study(_spec(text), tmp_path, progress=False)
+    plan = study_plan.plan_study(_spec(text), tmp_path, progress=False)
     from picollm.models.sizing import count_parameters
 
     runs = {r.label: r for r in plan.runs.values()}
@@ -147,9 +189,9 @@ groups:
 
 
 def test_grid_replacement_and_with_base(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "_prepare", _fake_prepare)
-    plan = runner.plan_study(load_study(), tmp_path, only=["size"], grid={"model.input": ["onehot"]},
-                             extend={"size": ["base"]}, progress=False)
+    monkeypatch.setattr(study_plan, "_prepare", _fake_prepare)
+    plan = study_plan.plan_study(load_study(), tmp_path, only=["size"], grid={"model.input": ["onehot"]},
+                                 extend={"size": ["base"]}, seeds=1, progress=False)
     labels = [r.label for r in plan.runs.values()]
     assert labels == ["lstm-pico", "lstm-tiny", "lstm-small", "lstm-base", "kgram-pico-onehot", "kgram-tiny-onehot",
                       "kgram-small-onehot", "kgram-base-onehot", "transformer-pico", "transformer-tiny",

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import picollm
 from picollm.config import RunConfig, from_dict, load_run_config
 from picollm.device import resolve_dtype
+from picollm.evaluation import evaluate
 from picollm.training import step as step_module
 from picollm.training import trainer as trainer_module
 from picollm.training.schedule import lr_at
@@ -185,6 +186,33 @@ def test_fault_then_resume_is_bit_identical(tmp_path, data_section, reference_ru
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == list(range(1, 13))  # no step logged twice after the resume
+
+
+@pytest.mark.slow
+def test_full_validation_points_change_no_weight_and_are_logged_once_across_a_resume(tmp_path, data_section,
+                                                                                      reference_run):
+    """full_val_at evaluates the whole validation split at 25% and 50% of the steps (3 and 6 of 12). The
+    evaluation draws no random number: the weights equal those of the run without it (dropout 0.1). A kill
+    in step 4, after the row of step 3 and before the checkpoint of step 4, drops that row on resume (the
+    log is cut at the last checkpoint, step 2) and logs it again: each point once."""
+    out = tmp_path / "run"
+    config = run_config(data_section, out, full_val_at=[0.25, 0.5], keep_last=10)
+    proc = run_in_subprocess(config, {"inside_step": 3})
+    assert proc.returncode == 99, proc.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "eval_full"] == [3]  # logged before the kill
+    result = train(config, progress=False)
+    resumed = final_weights(out)
+    for name in resumed:
+        assert torch.equal(resumed[name], final_weights(reference_run)[name]), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    full = [r for r in rows if r["kind"] == "eval_full"]
+    assert [(r["step"], r["fraction"], r["tokens"]) for r in full] == [(3, 0.25, 3 * 4 * 32), (6, 0.5, 6 * 4 * 32)]
+    # the value is the whole split's NLL of the weights at that step (not the periodic 2-batch subset)
+    at_six = evaluate(picollm.load(str(out / "checkpoints" / "step-00000006")), "val", batch_size=4,
+                      dtype=result.summary["dtype"])
+    assert at_six.tokens == result.summary["val"]["tokens"] > 2 * 4 * 32
+    assert full[1]["val_loss"] == pytest.approx(at_six.nll, rel=1e-6)
 
 
 @pytest.mark.slow

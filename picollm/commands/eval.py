@@ -140,7 +140,12 @@ def run(args: argparse.Namespace) -> int:
         tok_head = " ".join(f"{'t-d' + str(n):>6}" for n in range(1, 6))
         print(f"{'strategy':<{width}}  {head}  {tok_head}  {'rep-4':>6}  {'words':>7}")
         for name, r in report["diversity"].items():
-            words = " ".join(f"{r[f'word_distinct_{n}']:6.3f}" for n in range(1, 6))
-            toks = " ".join(f"{r.get(f'token_distinct_{n}', float('nan')):6.3f}" for n in range(1, 6))
-            print(f"{name:<{width}}  {words}  {toks}  {r['repetition_4']:6.3f}  {r['mean_words']:7.1f}")
+            words = " ".join(_rate(r[f"word_distinct_{n}"]) for n in range(1, 6))
+            toks = " ".join(_rate(r.get(f"token_distinct_{n}")) for n in range(1, 6))
+            print(f"{name:<{width}}  {words}  {toks}  {_rate(r['repetition_4'])}  {r['mean_words']:7.1f}")
     return 0
+
+
+def _rate(value: float | None) -> str:
+    """A distinct-n or repetition rate; n/a where the texts hold no n-gram to count."""
+    return f"{'n/a':>6}" if value is None else f"{value:6.3f}"

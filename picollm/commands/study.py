@@ -15,7 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "(e.g. ../shared/data/tinystories-sample.txt)")
     parser.add_argument("--budget", help="quick (default: the whole study in under 30 minutes on a 2-core CPU "
                                          "with the 2,317-story sample) or full (the original recipe)")
-    parser.add_argument("--seeds", type=int, default=1, metavar="K", help="repeat every run with K seeds")
+    parser.add_argument("--seeds", type=int, metavar="K",
+                        help="repeat every run with K seeds (default: the budget's; quick: 2)")
+    parser.add_argument("--no-tune", action="store_true",
+                        help="no lr sweeps: every run trains at the budget's fixed learning rate (quick: 5e-3)")
     parser.add_argument("--only", metavar="NAMES",
                         help="comma-separated groups (a selecting group brings the groups it selects from) or "
                              "run labels / patterns, e.g. --only size or --only 'kgram-pico-*,lstm-tiny'")
@@ -52,15 +55,10 @@ def parse_grid(items: list[str]) -> dict[str, list]:
 
 def run(args: argparse.Namespace) -> int:
     from picollm.commands.train import parse_overrides
+    from picollm.study.dryrun import dry_run_rows, format_dry_run
+    from picollm.study.plan import add_baselines, plan_study, write_study_json
     from picollm.study.report import build_study_report
-    from picollm.study.runner import (
-        default_jobs,
-        dry_run_rows,
-        format_dry_run,
-        plan_study,
-        run_plan,
-        write_study_json,
-    )
+    from picollm.study.runner import default_jobs, run_plan
     from picollm.study.spec import load_study
 
     spec = load_study(args.study)
@@ -72,15 +70,17 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or f"runs/study-{budget}"
     plan = plan_study(spec, out, budget=budget, seeds=args.seeds, only=only, overrides=overrides,
                       grid=parse_grid(args.grid), extend={"size": ["base"]} if args.with_base else None,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, tune=False if args.no_tune else None)
     jobs = args.jobs if args.jobs is not None else default_jobs()
     n_uses = sum(len(e["runs"]) for g in plan.groups for e in g["entries"])
+    tuning = f"lr sweeps for {len(plan.sweeps)} models" if plan.sweeps else "no lr tuning"
     print(f"[study] {spec.title}: budget {budget}, {len(plan.groups)} groups, {len(plan.runs)} distinct runs "
-          f"({n_uses} uses by the groups), {len(plan.seeds)} seed(s), {jobs} at a time; directory {out}",
+          f"({n_uses} uses by the groups), {len(plan.seeds)} seed(s), {tuning}, {jobs} at a time; directory {out}",
           file=sys.stderr)
     if args.dry_run:
         print(format_dry_run(dry_run_rows(plan, jobs=jobs), jobs=jobs))
         return 0
+    add_baselines(plan)
     write_study_json(plan)
     outcome = run_plan(plan, jobs=jobs, progress=not args.no_progress)
     if not args.no_report:

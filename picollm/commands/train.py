@@ -86,7 +86,14 @@ def run(args: argparse.Namespace) -> int:
             overrides["out"] = f"runs/{name}"
         config = load_run_config(args.config, overrides, preset=args.preset)
         if args.dry_run:
-            report = dry_run(config)
+            from picollm.training import lr_search
+
+            report = dry_run(lr_search.timing_config(config))
+            if config.train.lr == "auto":  # the sweep: a run per grid rate at lr_sweep_fraction of the steps
+                runs = len(config.train.lr_grid)
+                report["lr_sweep_runs"] = (f"{runs} (+1 if the best rate is at an edge of train.lr_grid; the "
+                                           "grid again twice as long if no rate trains)")
+                report["lr_sweep_est_seconds"] = runs * config.train.lr_sweep_fraction * report["est_seconds"]
             if args.json:
                 print(json.dumps(report))
             else:

@@ -50,6 +50,13 @@ def _gather(tokens: np.ndarray, starts: np.ndarray, length: int) -> tuple[torch.
     return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
 
 
+def batches_per_epoch(num_tokens: int, context_length: int, batch_size: int, world_size: int = 1) -> int:
+    """A rank's batches in one epoch over `num_tokens` tokens, as `WindowLoader` cuts them: windows of
+    `context_length` targets, the windows beyond a multiple of `world_size` dropped, the last batch partial."""
+    windows = max(num_tokens - 1, 0) // context_length // world_size
+    return -(-windows // batch_size)
+
+
 class WindowLoader:
     """Shuffled training batches over `tokens` for one rank.
 
@@ -77,7 +84,7 @@ class WindowLoader:
         self.windows_per_epoch = self.num_windows // world_size  # this rank's
         targets = max(len(tokens) - 1, 0)
         self.dropped_tokens = targets - self.windows_per_epoch * world_size * context_length
-        self.batches_per_epoch = -(-self.windows_per_epoch // batch_size)
+        self.batches_per_epoch = batches_per_epoch(len(tokens), context_length, batch_size, world_size)
 
     def __len__(self) -> int:
         return self.batches_per_epoch

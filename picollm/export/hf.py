@@ -135,14 +135,6 @@ def layout_for(spec: dict[str, Any], requested: str) -> str:
     return "gpt2"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def run_info(source: Source) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the run's recipe, its final metrics when the export is the run's final model) for the model card."""
     import yaml
@@ -156,7 +148,7 @@ def run_info(source: Source) -> tuple[dict[str, Any], dict[str, Any]]:
         except (OSError, yaml.YAMLError):
             recipe = {}
         if source.final:
-            summary = _read_json(source.run / rundir.SUMMARY)
+            summary = rundir.read_json(source.run / rundir.SUMMARY) or {}
     return recipe, summary
 
 
@@ -179,7 +171,7 @@ def export_hf(path: str | Path, out: str | Path, dtype: str = "fp32", force: boo
     out = Path(out).expanduser()
     check_out_dir(out, source.checkpoint, force)
     model = load_model(source.checkpoint)
-    checkpoint_config = _read_json(source.checkpoint / CONFIG_FILE)
+    checkpoint_config = rundir.read_json(source.checkpoint / CONFIG_FILE) or {}
     spec = model_config_dict(model)
     chosen = layout_for(spec, layout)
     weights = cast_weights(picollm_weights(model, spec), dtype, source.checkpoint)

@@ -22,11 +22,13 @@ from torch import nn
 from picollm.errors import check
 from picollm.generation import generate
 
+DEFAULT_CONTEXT = 256  # a model's context_length when its config does not set one
+
 
 @dataclass
 class ModelConfig:
     vocab_size: int = 50257
-    context_length: int = 256  # training window; for the Transformer also its maximum position
+    context_length: int = DEFAULT_CONTEXT  # training window; for the Transformer also its maximum position
     dropout: float = 0.0
 
     def validate(self) -> None:

@@ -13,7 +13,6 @@ directory name or a hub repo's name; a second model with the same name gets `-2`
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ from picollm.checkpoint import load, load_model
 from picollm.errors import UserError
 from picollm.models.registry import get_family, model_config_to_dict
 
-STUDY_JSON = "study.json"  # as picollm.study.runner.STUDY_JSON (not imported: the runner pulls in the trainer)
 LOAD_TRIES = 3
 
 
@@ -76,14 +74,6 @@ class Catalog:
 # reading what a directory is
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def run_checkpoint(run_dir: Path) -> Path:
     """final/ of a run, else best/ (a run still training); never a periodic checkpoint, which the
     trainer deletes as it goes."""
@@ -119,7 +109,7 @@ def _size(family: str, model_config: dict[str, Any]) -> str | None:
 def model_info(model: Any, run_dir: Path | None, tags: dict[str, Any] | None = None) -> dict[str, Any]:
     """The models table's row: family, size, parameters, tokenizer and the run's final metrics."""
     config = model_config_to_dict(model.family, model.config)
-    summary = _read_json(run_dir / rundir.SUMMARY) if run_dir is not None else None
+    summary = rundir.read_json(run_dir / rundir.SUMMARY) if run_dir is not None else None
     summary = summary or {}
     tags = tags or {}
 
@@ -158,9 +148,9 @@ class _Found:
 
 
 def _study_runs(directory: Path, study: Study, skipped: list[str]) -> list[_Found]:
-    record = _read_json(directory / STUDY_JSON)
+    record = rundir.read_json(directory / rundir.STUDY)
     if record is None or not isinstance(record.get("runs"), dict):
-        raise UserError(f"{directory / STUDY_JSON} is not a readable study record; rerun `picollm study`")
+        raise UserError(f"{directory / rundir.STUDY} is not a readable study record; rerun `picollm study`")
     runs = [info for info in record["runs"].values() if isinstance(info, dict)]
     labels = [str(info.get("label")) for info in runs]
     found = []
@@ -169,7 +159,7 @@ def _study_runs(directory: Path, study: Study, skipped: list[str]) -> list[_Foun
         label = str(info.get("label") or run_dir.name)
         if labels.count(label) > 1 and info.get("seed") is not None:
             label = f"{label}-seed{info['seed']}"
-        summary = _read_json(run_dir / rundir.SUMMARY)
+        summary = rundir.read_json(run_dir / rundir.SUMMARY)
         finished = bool(summary) and summary.get("status") == "finished"
         if not finished or not (run_dir / rundir.FINAL / rundir.MODEL_CONFIG).is_file():
             skipped.append(f"{label}: not finished ({run_dir})")
@@ -185,8 +175,8 @@ def _looks_like_hub_id(text: str) -> bool:
 def _find(source: str, studies: list[Study], skipped: list[str]) -> list[_Found]:
     path = Path(source).expanduser()
     if path.is_dir():
-        if (path / STUDY_JSON).is_file():
-            record = _read_json(path / STUDY_JSON) or {}
+        if (path / rundir.STUDY).is_file():
+            record = rundir.read_json(path / rundir.STUDY) or {}
             study = Study(len(studies), str(record.get("title") or path.name), path.resolve())
             studies.append(study)
             return _study_runs(path, study, skipped)

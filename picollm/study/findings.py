@@ -1,105 +1,90 @@
 """The original study's claims, each checked against this study's numbers.
 
-A claim is a list of checks, each comparing two numbers in an expected direction ("a < b"). A check
-*agrees* when the difference has the expected sign and exceeds the noise, *disagrees* when it has the
-opposite sign and exceeds the noise, and is *within noise* otherwise. The noise is the seeds' spread when
-both sides have two or more seeds (the std of the per-seed differences, or sqrt(std_a^2 + std_b^2) when
-the seeds do not pair up), else the study's tolerance (`findings:` in the study YAML: 0.01 nats for
-losses, 0.01 for distinct-n and repetition rates, 10% for tokens-to-reference and roughness).
+A claim is a list of checks, each comparing two numbers in an expected direction ("a < b"); the rule that
+makes a check agree, disagree or stay within noise is `picollm.study.verdicts` (the seeds' standard error
+with a t factor, or the study's fixed tolerance with one seed). On top of it:
 
-A claim agrees when all its checks agree, disagrees when any check disagrees, and is within noise
-otherwise; a claim whose groups or runs are missing is "not checked".
+- a check that uses a run that did not train (its validation NLL has not closed half the gap from the
+  unigram to the bigram baseline) is "inconclusive (RUN did not train)": it says nothing about the claim;
+- a check whose runs are all worse than the bigram baseline says so in its evidence;
+- every check on a final loss is recomputed with the full-split validation NLL at 25% and 50% of the
+  runs' tokens; the claim's verdicts at 25%, 50% and the end form its trend ("disagrees → within noise →
+  agrees"), and a claim whose verdict changes along the way is "not settled at this budget".
+
+A claim agrees when all its checks agree, disagrees when any check disagrees, is inconclusive when a check
+is and none disagrees, and is within noise otherwise; a claim whose groups or runs are missing is "not
+checked".
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import Any
 
 from picollm.study.results import Entry, GroupResult, Stat, StudyResults, stat_diff
-from picollm.study.spec import tags_match
+from picollm.study.spec import TREND_POINTS, tags_match
+from picollm.study.verdicts import (
+    AGREES,
+    DISAGREES,
+    INCONCLUSIVE,
+    NOISE,
+    NOT_SETTLED,
+    UNCHECKED,
+    Check,
+    Finding,
+    _fmt,
+    combine,
+    compare,
+)
 
-AGREES, DISAGREES, NOISE, UNCHECKED = "agrees", "disagrees", "within noise", "not checked"
+__all__ = ["AGREES", "DISAGREES", "INCONCLUSIVE", "NOISE", "NOT_SETTLED", "UNCHECKED", "Check", "Finding",
+           "check_claims", "observations"]
 SIZES = ("pico", "tiny", "small", "base")
 
 
-@dataclass
-class Check:
-    text: str  # what was compared, with the numbers
-    verdict: str
-
-
-@dataclass
-class Finding:
-    claim: str
-    verdict: str
-    checks: list[Check] = field(default_factory=list)
-    note: str = ""
-
-    @property
-    def evidence(self) -> str:
-        parts = [f"{c.text} ({c.verdict})" for c in self.checks]
-        if self.note:
-            parts.append(self.note)
-        return "; ".join(parts)
-
-
-def _combine(checks: list[Check]) -> str:
-    if not checks:
-        return UNCHECKED
-    verdicts = [c.verdict for c in checks]
-    if DISAGREES in verdicts:
-        return DISAGREES
-    if all(v == AGREES for v in verdicts):
-        return AGREES
-    return NOISE
-
-
-def _noise(a: Stat, b: Stat, tolerance: float) -> float:
-    if a.n >= 2 and b.n >= 2:
-        d = stat_diff(a, b)
-        if d.n >= 2 and d.std is not None:
-            return d.std
-        return math.sqrt((a.std or 0.0) ** 2 + (b.std or 0.0) ** 2)
-    return tolerance
-
-
-def _fmt(x: float | None, unit: str) -> str:
-    if x is None:
-        return "—"
-    if unit == "tokens":
-        return f"{x:,.0f}"
-    if unit == "nats":
-        return f"{x:.3f}"
-    return f"{x:.3f}"
-
-
 class Checker:
-    def __init__(self, results: StudyResults) -> None:
+    """The claims checked at the end of the runs (`point` None) or with the full-split validation NLL at
+    `point` (0.25, 0.5) of their tokens: then every final loss is replaced by that one."""
+
+    def __init__(self, results: StudyResults, point: float | None = None) -> None:
         self.results = results
+        self.point = point
         spec = results.record.get("findings") or {}
         self.loss_tol = float(spec.get("loss_tolerance", 0.01))
         self.distinct_tol = float(spec.get("distinct_tolerance", 0.01))
         self.little = float(spec.get("little", 0.05))
         self.conv_tol = float(spec.get("convergence_tolerance", 0.1))
         self.smooth_tol = float(spec.get("smoothness_tolerance", 0.1))
+        self._loss_used = False
+
+    def loss(self, entry: Entry, metric: str) -> Stat:
+        """A final loss of `entry` (val_nll, test_nll), or during training the validation NLL at the point."""
+        self._loss_used = True
+        if self.point is None:
+            return entry.get(metric)
+        return entry.get(f"val_nll@{self.point:g}")
 
     # -- one comparison -----------------------------------------------------------------------
     def less(self, a_name: str, a: Stat, b_name: str, b: Stat, what: str, unit: str = "nats",
-             relative: float | None = None) -> Check | None:
-        """Expect a < b. `relative`: the tolerance is that fraction of the larger mean (else by unit)."""
+             relative: float | None = None, uses: tuple[Entry, ...] = ()) -> Check | None:
+        """Expect a < b. `relative`: the tolerance is that fraction of the larger mean (else by unit).
+        `uses`: the entries whose runs the numbers come from (did they train? beat the bigram?)."""
         if not a or not b:
             return None
-        diff = a.mean - b.mean  # type: ignore[operator]
         if relative is not None:
             tolerance = relative * max(abs(a.mean), abs(b.mean))  # type: ignore[arg-type]
         else:
             tolerance = self.loss_tol if unit == "nats" else self.distinct_tol
-        noise = _noise(a, b, tolerance)
-        verdict = AGREES if diff < -noise else DISAGREES if diff > noise else NOISE
+        key = f"{what}: {a_name} vs {b_name}"
         text = f"{what}: {a_name} {_fmt(a.mean, unit)} vs {b_name} {_fmt(b.mean, unit)}"
-        return Check(text, verdict)
+        note = _below_bigram(uses)
+        untrained = [e.label for e in uses if e.untrained]
+        if untrained:
+            return Check(key, text, INCONCLUSIVE, untrained=sorted(set(untrained)), note=note)
+        verdict, n = compare(a, b, tolerance)
+        if n.se is not None:  # seeds: the threshold, as a student recomputes it
+            text += f", threshold max({_fmt(tolerance, unit)}, {n.k:.2f} × SE {_fmt(n.se, unit)}) = " \
+                    f"{_fmt(n.threshold, unit)}"
+        return Check(key, text, verdict, note=note)
 
     # -- helpers --------------------------------------------------------------------------------
     def entries(self, group: str, **where: Any) -> list[Entry]:
@@ -138,39 +123,45 @@ class Checker:
             entries = self.by_size("size", family=family, **extra)
             suffix = f" ({extra['input']})" if "input" in extra else ""
             for small, large in zip(entries, entries[1:]):
-                checks.append(self.less(large.label, large.get("test_nll"), small.label, small.get("test_nll"),
-                                        f"test NLL{suffix}"))
+                pair = (large, small)
+                checks.append(self.less(large.label, self.loss(large, "test_nll"), small.label,
+                                        self.loss(small, "test_nll"), f"test NLL{suffix}", uses=pair))
                 checks.append(self.less(large.label, large.get("tokens_to_ref"), small.label,
                                         small.get("tokens_to_ref"), f"tokens to reference{suffix}", "tokens",
-                                        relative=self.conv_tol))
+                                        relative=self.conv_tol, uses=pair))
         return self.finding(claim, checks)
 
     def finding(self, claim: str, checks: list[Check | None], note: str = "") -> Finding:
         done = [c for c in checks if c is not None]
-        return Finding(claim, _combine(done), done, note if done else (note or "the runs it needs are missing"))
+        loss_based, self._loss_used = self._loss_used, False
+        return Finding(claim, combine([c.verdict for c in done]), done,
+                       note if done else (note or "the runs it needs are missing"), loss_based=loss_based)
+
+    def kgram_pair(self, group: str, **where: Any) -> tuple[Entry | None, Entry | None]:
+        return self.one(group, family="kgram", input="onehot", **where), \
+            self.one(group, family="kgram", input="scaled", **where)
 
     def onehot_beats_scaled(self) -> Finding:
         checks: list[Check | None] = []
         for size in SIZES:
-            one, sc = self.one("size", family="kgram", size=size, input="onehot"), \
-                self.one("size", family="kgram", size=size, input="scaled")
+            one, sc = self.kgram_pair("size", size=size)
             if one and sc:
-                checks.append(self.less(one.label, one.get("test_nll"), sc.label, sc.get("test_nll"), "test NLL"))
+                checks.append(self.less(one.label, self.loss(one, "test_nll"), sc.label, self.loss(sc, "test_nll"),
+                                        "test NLL", uses=(one, sc)))
         return self.finding("One-hot inputs give lower test perplexity than scaled embeddings.", checks)
 
     def gap(self, a: Entry, b: Entry, metric: str) -> Stat:
         """b - a per seed (positive: a is better)."""
-        return stat_diff(b.get(metric), a.get(metric))
+        return stat_diff(self.loss(b, metric), self.loss(a, metric))
 
     def onehot_gap_shrinks(self) -> Finding:
-        gaps: list[tuple[str, Stat]] = []
+        gaps: list[tuple[str, Stat, tuple[Entry, Entry]]] = []
         for size in SIZES:
-            one, sc = self.one("size", family="kgram", size=size, input="onehot"), \
-                self.one("size", family="kgram", size=size, input="scaled")
-            if one and sc and one.get("test_nll") and sc.get("test_nll"):
-                gaps.append((size, self.gap(one, sc, "test_nll")))
-        checks = [self.less(f"gap at {s2}", g2, f"gap at {s1}", g1, "scaled − one-hot test NLL")
-                  for (s1, g1), (s2, g2) in zip(gaps, gaps[1:])]
+            one, sc = self.kgram_pair("size", size=size)
+            if one and sc and self.loss(one, "test_nll") and self.loss(sc, "test_nll"):
+                gaps.append((size, self.gap(one, sc, "test_nll"), (one, sc)))
+        checks = [self.less(f"gap at {s2}", g2, f"gap at {s1}", g1, "scaled − one-hot test NLL", uses=u1 + u2)
+                  for (s1, g1, u1), (s2, g2, u2) in zip(gaps, gaps[1:])]
         return self.finding("The one-hot advantage shrinks as the model grows.", checks)
 
     def raising_k(self) -> Finding:
@@ -178,17 +169,17 @@ class Checker:
         for inp in ("onehot", "scaled"):
             es = sorted(self.entries("kgram", input=inp), key=lambda e: int(e.tags.get("k", 0)))
             for lo, hi in zip(es, es[1:]):
-                checks.append(self.less(hi.label, hi.get("val_nll"), lo.label, lo.get("val_nll"),
-                                        f"validation NLL ({inp})"))
+                checks.append(self.less(hi.label, self.loss(hi, "val_nll"), lo.label, self.loss(lo, "val_nll"),
+                                        f"validation NLL ({inp})", uses=(hi, lo)))
         return self.finding("Raising K (1 → 3 → 5) lowers validation loss.", checks)
 
     def scaled_smoother(self) -> Finding:
         checks: list[Check | None] = []
         for k in sorted({int(e.tags.get("k", 0)) for e in self.entries("kgram")}):
-            one, sc = self.one("kgram", k=k, input="onehot"), self.one("kgram", k=k, input="scaled")
+            one, sc = self.kgram_pair("kgram", k=k)
             if one and sc:
                 checks.append(self.less(sc.label, sc.get("roughness"), one.label, one.get("roughness"),
-                                        "roughness", "ratio", relative=self.smooth_tol))
+                                        "roughness", "ratio", relative=self.smooth_tol, uses=(sc, one)))
         return self.finding("Scaled-embedding curves are smoother than one-hot curves.", checks,
                             note="roughness = std of successive validation-loss differences over the second "
                                  "half of the run")
@@ -199,33 +190,39 @@ class Checker:
         if best:
             for e in self.entries("kgram"):
                 if e is not best:
-                    checks.append(self.less(best.label, best.get("val_nll"), e.label, e.get("val_nll"),
-                                            "validation NLL"))
+                    checks.append(self.less(best.label, self.loss(best, "val_nll"), e.label, self.loss(e, "val_nll"),
+                                            "validation NLL", uses=(best, e)))
         return self.finding("K = 5 with one-hot inputs is the best k-gram pico.", checks)
 
     def gap_grows_with_k(self) -> Finding:
-        gaps: list[tuple[int, Stat]] = []
+        gaps: list[tuple[int, Stat, tuple[Entry, Entry]]] = []
         for k in sorted({int(e.tags.get("k", 0)) for e in self.entries("kgram")}):
-            one, sc = self.one("kgram", k=k, input="onehot"), self.one("kgram", k=k, input="scaled")
-            if one and sc and one.get("val_nll") and sc.get("val_nll"):
-                gaps.append((k, self.gap(one, sc, "val_nll")))
-        checks = [self.less(f"gap at K={k1}", g1, f"gap at K={k2}", g2, "scaled − one-hot validation NLL")
-                  for (k1, g1), (k2, g2) in zip(gaps, gaps[1:])]
+            one, sc = self.kgram_pair("kgram", k=k)
+            if one and sc and self.loss(one, "val_nll") and self.loss(sc, "val_nll"):
+                gaps.append((k, self.gap(one, sc, "val_nll"), (one, sc)))
+        checks = [self.less(f"gap at K={k1}", g1, f"gap at K={k2}", g2, "scaled − one-hot validation NLL",
+                            uses=u1 + u2) for (k1, g1, u1), (k2, g2, u2) in zip(gaps, gaps[1:])]
         return self.finding("The one-hot vs scaled gap grows with K.", checks)
 
     def norm_pos_little(self) -> Finding:
-        es = [e for e in self.entries("transformer") if e.get("val_nll")]
+        claim = "Normalisation and position encoding change validation loss little."
+        es = [e for e in self.entries("transformer") if self.loss(e, "val_nll")]
         if len(es) < 2:
-            return self.finding("Normalisation and position encoding change validation loss little.", [])
-        lo = min(es, key=lambda e: e.get("val_nll").mean)  # type: ignore[arg-type, return-value]
-        hi = max(es, key=lambda e: e.get("val_nll").mean)  # type: ignore[arg-type, return-value]
-        spread = hi.get("val_nll").mean - lo.get("val_nll").mean  # type: ignore[operator]
-        noise = _noise(hi.get("val_nll"), lo.get("val_nll"), 0.0)
-        verdict = AGREES if spread <= self.little + noise else DISAGREES
-        check = Check(f"validation NLL spread {spread:.3f} nats ({lo.label} {lo.get('val_nll').mean:.3f} to "
-                      f"{hi.label} {hi.get('val_nll').mean:.3f}); 'little' = at most {self.little:g} nats",
-                      verdict)
-        return self.finding("Normalisation and position encoding change validation loss little.", [check])
+            return self.finding(claim, [])
+        lo = min(es, key=lambda e: self.loss(e, "val_nll").mean)  # type: ignore[arg-type, return-value]
+        hi = max(es, key=lambda e: self.loss(e, "val_nll").mean)  # type: ignore[arg-type, return-value]
+        a, b = self.loss(hi, "val_nll"), self.loss(lo, "val_nll")
+        spread = a.mean - b.mean  # type: ignore[operator]
+        # the spread is "little" unless it exceeds `little` by more than the noise allows
+        excess = Stat([x - self.little for x in a.values]) if a.n == b.n else Stat([a.mean - self.little])
+        verdict, _ = compare(b, excess, 0.0)  # lo < hi - little: the spread is larger than little
+        verdict = DISAGREES if verdict == AGREES else AGREES
+        text = f"validation NLL spread {spread:.3f} nats ({lo.label} {b.mean:.3f} to {hi.label} {a.mean:.3f}); " \
+               f"'little' = at most {self.little:g} nats"
+        untrained = sorted(e.label for e in es if e.untrained)
+        if untrained:
+            return self.finding(claim, [Check("validation NLL spread", text, INCONCLUSIVE, untrained=untrained)])
+        return self.finding(claim, [Check("validation NLL spread", text, verdict, note=_below_bigram(tuple(es)))])
 
     def _by_pos(self, metric: str) -> dict[str, Stat]:
         out: dict[str, Stat] = {}
@@ -238,14 +235,18 @@ class Checker:
     def positions_diversity(self) -> Finding:
         d = self._by_pos("diversity")
         checks: list[Check | None] = []
+
+        def pair(a: str, b: str) -> Check | None:
+            uses = tuple(self.entries("transformer", pos=a) + self.entries("transformer", pos=b))
+            return self.less(a, _mean_only(d[a]), b, _mean_only(d[b]), "diversity score (mean over norms)", "ratio",
+                             uses=uses)
+
         if "absolute" in d:
             for other in ("rope", "nope"):
                 if other in d:
-                    checks.append(self.less(other, _mean_only(d[other]), "absolute", _mean_only(d["absolute"]),
-                                            "diversity score (mean over norms)", "ratio"))
+                    checks.append(pair(other, "absolute"))
         if "nope" in d and "rope" in d:
-            checks.append(self.less("nope", _mean_only(d["nope"]), "rope", _mean_only(d["rope"]),
-                                    "diversity score (mean over norms)", "ratio"))
+            checks.append(pair("nope", "rope"))
         return self.finding("Absolute positions give the highest diversity and NoPE the lowest.", checks,
                             note="diversity score = mean word distinct-1..5 under "
                                  f"{self.results.diversity_strategy}")
@@ -256,20 +257,24 @@ class Checker:
         if best:
             for e in self.entries("transformer"):
                 if e is not best:
-                    checks.append(self.less(best.label, best.get("test_nll"), e.label, e.get("test_nll"),
-                                            "test NLL"))
+                    checks.append(self.less(best.label, self.loss(best, "test_nll"), e.label,
+                                            self.loss(e, "test_nll"), "test NLL", uses=(best, e)))
         return self.finding("Pre-norm with absolute positions gives the lowest perplexity.", checks)
 
     def pico_order(self) -> Finding:
         lstm, kgram, tf = (self.one("best", family=f) for f in ("lstm", "kgram", "transformer"))
         checks: list[Check | None] = []
+
+        def pair(a: Entry, b: Entry) -> Check | None:
+            return self.less(a.label, self.loss(a, "test_nll"), b.label, self.loss(b, "test_nll"), "test NLL",
+                             uses=(a, b))
+
         if lstm and tf:
-            checks.append(self.less(lstm.label, lstm.get("test_nll"), tf.label, tf.get("test_nll"), "test NLL"))
+            checks.append(pair(lstm, tf))
         if tf and kgram:
-            checks.append(self.less(tf.label, tf.get("test_nll"), kgram.label, kgram.get("test_nll"), "test NLL"))
+            checks.append(pair(tf, kgram))
         if lstm and kgram and not tf:
-            checks.append(self.less(lstm.label, lstm.get("test_nll"), kgram.label, kgram.get("test_nll"),
-                                    "test NLL"))
+            checks.append(pair(lstm, kgram))
         return self.finding("Among the pico models the LSTM has the lowest test perplexity, the k-gram MLP the "
                             "highest, the Transformer in between.", checks)
 
@@ -281,7 +286,7 @@ class Checker:
                 e = self.one("best", family=other)
                 if e:
                     checks.append(self.less(e.label, e.get("diversity"), kgram.label, kgram.get("diversity"),
-                                            "diversity score", "ratio"))
+                                            "diversity score", "ratio", uses=(e, kgram)))
         return self.finding("Among the pico models the k-gram MLP writes the most diverse text.", checks,
                             note=f"diversity score = mean word distinct-1..5 under {self.results.diversity_strategy}")
 
@@ -293,7 +298,8 @@ class Checker:
             for e in self.entries("decoding"):
                 for other in others:
                     checks.append(self.less(f"{other}", e.get(f"{other}:repetition_4"), "greedy",
-                                            e.get(f"{greedy}:repetition_4"), f"{e.label} repetition-4", "ratio"))
+                                            e.get(f"{greedy}:repetition_4"), f"{e.label} repetition-4", "ratio",
+                                            uses=(e,)))
         return self.finding("Greedy decoding repeats phrases most.", checks,
                             note="repetition-4 = share of word 4-grams that repeat an earlier 4-gram of the same text")
 
@@ -305,7 +311,7 @@ class Checker:
             for e in self.entries("decoding"):
                 for other in others:
                     checks.append(self.less(other, e.get(f"{other}:score"), top1, e.get(f"{top1}:score"),
-                                            f"{e.label} diversity score", "ratio"))
+                                            f"{e.label} diversity score", "ratio", uses=(e,)))
         return self.finding("Top-p 1.0 is the most diverse strategy.", checks)
 
     def all(self) -> list[Finding]:
@@ -334,9 +340,33 @@ def _mean_only(stat: Stat) -> Stat:
     return Stat([stat.mean]) if stat else stat
 
 
+def _below_bigram(uses: tuple[Entry, ...]) -> str:
+    """"both below the bigram baseline" when every run compared is worse than the bigram on val NLL."""
+    margins = [e.get("margin_bigram").mean for e in uses]
+    if not uses or any(m is None for m in margins) or any(m <= 0 for m in margins):  # type: ignore[operator]
+        return ""
+    if len(uses) == 1:
+        return f"{uses[0].label} is below the bigram baseline"
+    return "both below the bigram baseline" if len(uses) == 2 else f"all {len(uses)} below the bigram baseline"
+
+
 def check_claims(results: StudyResults) -> list[Finding]:
-    """Every claim of the original study, checked against `results`."""
-    return Checker(results).all()
+    """Every claim of the original study, checked against `results`, with its trend during training:
+    the same checks on the full-split validation NLL at 25% and 50% of the tokens, then the end."""
+    findings = Checker(results).all()
+    during = [Checker(results, point).all() for point in TREND_POINTS]
+    for i, finding in enumerate(findings):
+        if not finding.loss_based or finding.verdict == UNCHECKED:
+            continue
+        earlier = [points[i] for points in during]
+        if any(f.verdict == UNCHECKED for f in earlier):  # runs without full-split points (older logs)
+            continue
+        finding.trend = [f.verdict for f in earlier] + [finding.verdict]
+        for check in finding.checks:
+            verdicts = [next((c.verdict for c in f.checks if c.key == check.key), None) for f in earlier]
+            if all(v is not None for v in verdicts):
+                check.trend = [*verdicts, check.verdict]  # type: ignore[list-item]
+    return findings
 
 
 def observations(results: StudyResults) -> list[str]:

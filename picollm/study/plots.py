@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from picollm.study.compute import flop_curves
 from picollm.study.results import Entry, GroupResult
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -20,8 +22,20 @@ def _pyplot():
     return plt
 
 
+def _baselines(ax: Any, baseline: dict[str, Any] | None) -> list[float]:
+    """The unigram and bigram baselines as horizontal reference lines; their losses."""
+    if not baseline:
+        return []
+    uni = baseline["models"]["unigram"]["val"]["nll"]
+    bi = baseline["models"][baseline["bigram"]]["val"]["nll"]
+    ax.axhline(uni, color="#999999", linewidth=1.0, linestyle=(0, (1, 2)), label=f"unigram baseline {uni:.3f}")
+    ax.axhline(bi, color="#000000", linewidth=1.0, linestyle=(0, (1, 2)), label=f"bigram baseline {bi:.3f}")
+    return [uni, bi]
+
+
 def curves_plot(group: GroupResult, path: Path) -> Path | None:
-    """Validation loss by tokens seen, one line per entry (mean over seeds, ± std shaded)."""
+    """Validation loss by tokens seen, one line per entry (mean over seeds, ± std shaded), with the
+    unigram and bigram baselines."""
     drawn = [(e, *e.curve()) for e in group.entries]
     drawn = [d for d in drawn if d[1]]
     if not drawn:
@@ -39,12 +53,13 @@ def curves_plot(group: GroupResult, path: Path) -> Path | None:
     if group.reference_loss is not None:
         ax.axhline(group.reference_loss, color="#555555", linewidth=0.8, linestyle=(0, (4, 3)),
                    label=f"reference {group.reference_loss:.3f}")
-    # the first evaluations sit near ln(vocab); zoom on where the curves separate
+    references = _baselines(ax, next((e.baseline for e in group.entries if e.baseline), None))
+    # the first evaluations sit near ln(vocab); zoom on where the curves separate (baselines in view)
     finals = [m[-1] for _, _, m, _ in drawn]
     tail = [v for _, _, m, _ in drawn for v in m[len(m) // 4:]]
     if tail:
-        top = max(tail)
-        bottom = min(finals + tail)
+        top = max(tail + references)
+        bottom = min(finals + tail + references)
         pad = max(0.05, 0.08 * (top - bottom))
         ax.set_ylim(bottom - pad, top + pad)
     ax.set_xlabel("tokens seen")
@@ -111,6 +126,71 @@ def params_plot(entries: list[Entry], title: str, path: Path) -> Path | None:
     ax.legend(fontsize=8, loc="upper left", ncol=2)
     ax.grid(True, axis="y", alpha=0.3)
     plt.setp(ax.get_xticklabels(), rotation=15, ha="right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def flops_plot(group: GroupResult, path: Path) -> Path | None:
+    """Validation loss against training FLOPs (FLOPs per token x tokens), one line per entry, log x."""
+    curves = flop_curves(group)
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.6), dpi=110)
+    for i, c in enumerate(curves):
+        ax.plot(c.flops, c.losses, "-", color=COLORS[i % len(COLORS)], label=c.entry.label, linewidth=1.6,
+                marker=".", markersize=4)
+    common = min(c.flops[-1] for c in curves)
+    ax.axvline(common, color="#555555", linewidth=0.8, linestyle=(0, (4, 3)), label="largest common FLOPs")
+    references = _baselines(ax, next((e.baseline for e in group.entries if e.baseline), None))
+    tail = [v for c in curves for v in c.losses[len(c.losses) // 4:]]
+    top, bottom = max(tail + references), min(tail + references)
+    pad = max(0.05, 0.08 * (top - bottom))
+    ax.set_ylim(bottom - pad, top + pad)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"{group.title}: validation loss at equal compute", fontsize=11)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7.5, loc="upper right", framealpha=0.85)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def lr_plot(sweeps: list[dict[str, Any]], path: Path) -> Path | None:
+    """Final validation loss of each sweep run against its learning rate, a curve per model, the chosen
+    rate marked."""
+    drawn = [s for s in sweeps if any(loss is not None for _, loss in s["losses"])]
+    if not drawn:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10.5, 5.4), dpi=110)
+    for i, s in enumerate(drawn):
+        points = [(lr, loss) for lr, loss in s["losses"] if loss is not None]
+        color = COLORS[i % len(COLORS)]
+        style = STYLES[(i // len(COLORS)) % len(STYLES)]
+        length = s.get("length", s["fraction"])
+        label = s["label"] + (f" ({length:g} of the run)" if length != s["fraction"] else "")
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, color=color, marker="o", markersize=3,
+                linewidth=1.2, label=label)
+        chosen = dict(points).get(s["chosen"])
+        if chosen is not None:
+            ax.plot([s["chosen"]], [chosen], "*", color=color, markersize=11, markeredgecolor="black",
+                    markeredgewidth=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation loss of the sweep run (nats/token)")
+    ax.set_title("Learning-rate sweeps at the length each rate was chosen at (★ = the rate the model trains at)",
+                 fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6.5, ncol=2 if len(drawn) > 8 else 1, loc="center left", bbox_to_anchor=(1.01, 0.5),
+              framealpha=0.85)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")

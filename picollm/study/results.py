@@ -5,6 +5,10 @@ eval.json) and the study's study.json, so a report can be rebuilt at any time, o
 
 Definitions (docs/study.md repeats them):
 
+- did not train: a run whose final validation NLL has not closed half the gap from the unigram to the
+  bigram baseline of its data (`picollm.baselines`); an entry did not train when one of its seeds did not.
+- margin to the bigram: validation NLL - the bigram baseline's (negative: better than the bigram).
+
 - reference loss of a group: the worst (highest) final validation loss among its entries (the last
   evaluation of each run's curve, mean over seeds). Every entry reaches it by the end of its run, so
   "tokens to reference" compares how fast each gets there: lower is quicker convergence.
@@ -21,109 +25,20 @@ Definitions (docs/study.md repeats them):
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from picollm import rundir
 from picollm.data.prepared import SPLITS
 from picollm.errors import UserError
 from picollm.schema import flatten_keys
-from picollm.study.spec import tags_match
+from picollm.study.runlog import RunLog, Stat, finite, load_run, stat_diff
+from picollm.study.spec import TREND_POINTS, tags_match
 
-# ---------------------------------------------------------------------------------------------
-# one run's logs
-
-
-@dataclass
-class RunLog:
-    directory: Path
-    config: dict[str, Any]
-    metrics: list[dict[str, Any]]
-    summary: dict[str, Any] | None
-    eval: dict[str, Any] | None
-
-    @property
-    def finished(self) -> bool:
-        return bool(self.summary) and self.summary.get("status") == "finished"
-
-    @property
-    def curve(self) -> list[tuple[int, float]]:
-        """(tokens seen, validation loss) at each evaluation, deduplicated by step (a resumed run may
-        repeat one) and in order."""
-        by_step: dict[int, tuple[int, float]] = {}
-        for row in self.metrics:
-            if row.get("kind") == "eval" and finite(row.get("val_loss")):
-                by_step[int(row.get("step", 0))] = (int(row.get("tokens", 0)), float(row["val_loss"]))
-        return [by_step[s] for s in sorted(by_step)]
-
-    @property
-    def family(self) -> str:
-        return str((self.summary or {}).get("family") or (self.config.get("model") or {}).get("family", "?"))
-
-
-def finite(x: Any) -> bool:
-    """A real number, finite (not a bool, not None, not NaN)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def load_run(directory: str | Path) -> RunLog:
-    """A run directory's logs; missing files are None / empty (an unfinished or missing run)."""
-    directory = Path(directory)
-    config: dict[str, Any] = {}
-    path = directory / rundir.CONFIG
-    if path.is_file():
-        try:
-            config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError:
-            config = {}
-    return RunLog(directory, config, rundir.read_metrics(directory), rundir.read_summary(directory),
-                  rundir.read_json(directory / rundir.EVAL))
-
-
-# ---------------------------------------------------------------------------------------------
-# statistics over seeds
-
-
-@dataclass
-class Stat:
-    """A quantity over seeds: the values (None where a seed has none), their mean and sample std."""
-
-    values: list[float]
-
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def mean(self) -> float | None:
-        return statistics.fmean(self.values) if self.values else None
-
-    @property
-    def std(self) -> float | None:
-        if len(self.values) >= 2:
-            return statistics.stdev(self.values)
-        return None
-
-    @classmethod
-    def of(cls, values: list[Any]) -> Stat:
-        return cls([float(v) for v in values if finite(v)])
-
-    def __bool__(self) -> bool:
-        return bool(self.values)
-
-
-def stat_diff(a: Stat, b: Stat) -> Stat:
-    """a - b per seed when both have the same seeds' values, else the difference of means."""
-    if a.n == b.n and a.n >= 2:
-        return Stat([x - y for x, y in zip(a.values, b.values, strict=True)])
-    if a and b:
-        return Stat([a.mean - b.mean])  # type: ignore[operator]
-    return Stat([])
+__all__ = ["Entry", "GroupResult", "RunLog", "Stat", "StudyResults", "finite", "load_results", "load_run",
+           "stat_diff"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +65,15 @@ class Entry:
 
     def get(self, name: str) -> Stat:
         return self.metrics.get(name, Stat([]))
+
+    @property
+    def untrained(self) -> list[RunLog]:
+        """Its finished runs that did not train (see the module doc)."""
+        return [r for r in self.finished if r.did_not_train]
+
+    @property
+    def baseline(self) -> dict[str, Any] | None:
+        return next((r.baseline for r in self.runs if r.baseline), None)
 
     def curve(self) -> tuple[list[float], list[float], list[float]]:
         """Mean validation curve over seeds: tokens, mean loss, std (0 with one seed), aligned by index."""
@@ -214,6 +138,15 @@ def run_metrics(run: RunLog, diversity_strategy: str | None) -> dict[str, Any]:
         out[f"{split}_bpb"] = part.get("bpb")
     curve = run.curve
     out["final_val_loss"] = curve[-1][1] if curve else None
+    out["lr"] = s.get("lr") if finite(s.get("lr")) else (run.config.get("train") or {}).get("lr")
+    out["lr_at_edge"] = 1.0 if (s.get("lr_sweep") or {}).get("at_edge") else 0.0
+    points = run.full_val
+    for fraction in TREND_POINTS:
+        out[f"val_nll@{fraction:g}"] = points.get(fraction)
+    if run.baseline and finite(out["val_nll"]):
+        bigram = run.baseline["models"][run.baseline["bigram"]]["val"]["nll"]
+        out["margin_bigram"] = out["val_nll"] - bigram
+    out["flops"] = run.flops_per_token * out["tokens"] if run.flops_per_token and finite(out["tokens"]) else None
     out["roughness"] = roughness(curve)
     diversity = (run.eval or {}).get("diversity") or {}
     for strategy, report in diversity.items():
@@ -270,6 +203,28 @@ class StudyResults:
     def diversity_strategy(self) -> str | None:
         return self.eval_settings.get("diversity_strategy")
 
+    @property
+    def baselines(self) -> dict[str, Any]:
+        """Prepared data name -> picollm.baselines record (the unigram and bigram of that data)."""
+        return self.record.get("baselines") or {}
+
+    @property
+    def seeds(self) -> int:
+        return len(self.record.get("seeds") or []) or max((len(e.runs) for g in self.groups for e in g.entries),
+                                                           default=1)
+
+    def sweeps(self) -> list[dict[str, Any]]:
+        """The lr sweeps of the runs, one per model configuration (its seeds share it), from the runs'
+        summaries: {label, losses [[lr, val NLL or None]], chosen, at_edge, wall_time_s}."""
+        out: dict[str, dict[str, Any]] = {}
+        for g in self.groups:
+            for e in g.entries:
+                for r in e.finished:
+                    sweep = (r.summary or {}).get("lr_sweep")
+                    if isinstance(sweep, dict) and sweep.get("losses") and sweep.get("dir") not in out:
+                        out[sweep.get("dir")] = {**sweep, "label": e.label}
+        return list(out.values())
+
     def runs(self) -> list[RunLog]:
         seen: dict[Path, RunLog] = {}
         for g in self.groups:
@@ -281,7 +236,7 @@ class StudyResults:
 
 def read_study_record(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
-    path = directory / "study.json"
+    path = directory / rundir.STUDY
     record = rundir.read_json(path)
     if not isinstance(record, dict) or "groups" not in record:
         raise UserError(f"{path} is missing or not a study record; pass a directory written by `picollm study` "
@@ -295,12 +250,18 @@ def load_results(directory: str | Path, record: dict[str, Any] | None = None) ->
     record = record if record is not None else read_study_record(directory)
     strategy = (record.get("eval") or {}).get("diversity_strategy")
     cache: dict[Path, RunLog] = {}
+    baselines = record.get("baselines") or {}
+
+    def at(rel: str) -> Path:
+        return (directory / rel) if not Path(rel).is_absolute() else Path(rel)
+
+    data_of = {at(r["dir"]).resolve(): r.get("data") for r in (record.get("runs") or {}).values() if "dir" in r}
 
     def run_at(rel: str) -> RunLog:
-        path = (directory / rel) if not Path(rel).is_absolute() else Path(rel)
+        path = at(rel)
         key = path.resolve()
         if key not in cache:
-            cache[key] = load_run(path)
+            cache[key] = load_run(path, baselines.get(data_of.get(key) or ""))
         return cache[key]
 
     groups: list[GroupResult] = []

@@ -33,7 +33,8 @@ from picollm.models.registry import PRESET_NAMES, preset_fields
 from picollm.schema import apply_overrides, flatten_keys, from_dict, load_yaml, to_dict
 
 STUDY_FILE = Path(__file__).with_name("study.yaml")
-SECTIONS_SHOWN = ("curves", "params", "results", "diversity", "samples", "prompt_samples")
+TREND_POINTS = (0.25, 0.5)  # fractions of a run scored on the full validation split (besides the end)
+SECTIONS_SHOWN = ("curves", "flops", "params", "results", "diversity", "samples", "prompt_samples")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +159,8 @@ class RuleSpec:
 class BudgetSpec:
     description: str = ""
     evals_per_run: int | None = None  # sets train.eval_interval so each run has about this many evaluations
+    tune: bool = False  # train.lr auto for every run that does not set train.lr itself (--no-tune: off)
+    seeds: int = 1  # seeds per run unless --seeds says otherwise
     set: dict[str, Any] = field(default_factory=dict)
     rules: list[RuleSpec] = field(default_factory=list)
     eval: dict[str, Any] = field(default_factory=dict)  # EvalSpec fields to change
@@ -350,7 +353,7 @@ def eval_settings(spec: StudySpec, budget: str) -> EvalSpec:
 
 
 def expand_block(spec: StudySpec, group: str, index: int, block: BlockSpec, budget: BudgetSpec,
-                 seeds: list[int], cli: dict[str, Any]) -> list[PlannedRun]:
+                 seeds: list[int], cli: dict[str, Any], tune: bool = False) -> list[PlannedRun]:
     where = f"groups.{group}.runs[{index}]"
     keys = list(block.grid)
     runs = []
@@ -391,6 +394,8 @@ def expand_block(spec: StudySpec, group: str, index: int, block: BlockSpec, budg
             if tags_match(tags, rule.where):
                 settings.update(rule.set)
                 explicit |= set(rule.set)
+        if tune and "train.lr" not in explicit:  # the budget tunes: a sweep chooses this model's rate
+            settings["train.lr"] = "auto"
         settings.update(cli)
         for seed in seeds:
             runs.append(PlannedRun(group=group, label=label, tags=dict(tags), seed=seed,
@@ -399,12 +404,15 @@ def expand_block(spec: StudySpec, group: str, index: int, block: BlockSpec, budg
     return runs
 
 
-def expand(spec: StudySpec, budget: str, seeds: int = 1, only: list[str] | None = None,
-           cli: dict[str, Any] | None = None) -> list[PlannedGroup]:
-    """Every group's runs for `budget`, `seeds` seeds each (train.seed = 0..seeds-1 + base seed)."""
+def expand(spec: StudySpec, budget: str, seeds: int | None = None, only: list[str] | None = None,
+           cli: dict[str, Any] | None = None, tune: bool | None = None) -> list[PlannedGroup]:
+    """Every group's runs for `budget`, `seeds` seeds each (train.seed = 0..seeds-1 + base seed; None: the
+    budget's `seeds`). `tune`: train.lr auto where no layer sets train.lr (None: the budget's `tune`)."""
+    b = budget_overrides(spec, budget)
+    seeds = b.seeds if seeds is None else seeds
+    tune = b.tune if tune is None else tune
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
-    b = budget_overrides(spec, budget)
     first_seed = int({**spec.base, **b.set, **(cli or {})}.get("train.seed", 0))
     seed_list = [first_seed + i for i in range(seeds)]
     group_names = [n for n in (only or []) if n in spec.groups]
@@ -416,7 +424,7 @@ def expand(spec: StudySpec, budget: str, seeds: int = 1, only: list[str] | None 
         group = spec.groups[name]
         pg = PlannedGroup(group)
         for i, block in enumerate(group.runs):
-            pg.runs.extend(expand_block(spec, name, i, block, b, seed_list, dict(cli or {})))
+            pg.runs.extend(expand_block(spec, name, i, block, b, seed_list, dict(cli or {}), tune))
         labels = [r.label for r in pg.runs if r.seed == seed_list[0]]
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from picollm.config import RunConfig
-from picollm.data.loader import WindowLoader
+from picollm.data.loader import WindowLoader, batches_per_epoch
 from picollm.data.prepare import prepare
 from picollm.data.prepared import PreparedData
 from picollm.errors import UserError
-from picollm.models.base import LanguageModel
+from picollm.models.base import DEFAULT_CONTEXT, LanguageModel
 from picollm.models.registry import build_model
 from picollm.training.distributed import Dist, barrier
 from picollm.training.step import LossModule, build_optimizer
@@ -29,11 +29,12 @@ class Plan:
     tokens_per_step: int  # global, all ranks
 
 
-def make_plan(cfg: RunConfig, batches_per_epoch: int, world_size: int = 1) -> Plan:
-    """The step budget: the first of train.max_steps, train.max_tokens and train.epochs that is set."""
+def make_plan(cfg: RunConfig, batches: int, world_size: int = 1) -> Plan:
+    """The step budget: the first of train.max_steps, train.max_tokens and train.epochs that is set;
+    `batches`: a rank's batches per epoch."""
     t = cfg.train
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / t.grad_accum))
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.model["context_length"] * world_size
+    steps_per_epoch = max(1, math.ceil(batches / t.grad_accum))
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.get("context_length", DEFAULT_CONTEXT) * world_size
     if t.max_steps is not None:
         total = t.max_steps
     elif t.max_tokens is not None:
@@ -41,6 +42,12 @@ def make_plan(cfg: RunConfig, batches_per_epoch: int, world_size: int = 1) -> Pl
     else:
         total = max(1, math.ceil(t.epochs * steps_per_epoch))
     return Plan(total, steps_per_epoch, tokens_per_step)
+
+
+def plan_for(cfg: RunConfig, train_tokens: int, world_size: int = 1) -> Plan:
+    """The plan of a run whose training split holds `train_tokens` tokens, without loading them."""
+    context = cfg.model.get("context_length", DEFAULT_CONTEXT)
+    return make_plan(cfg, batches_per_epoch(train_tokens, context, cfg.train.batch_size, world_size), world_size)
 
 
 def micro_batches(loader: WindowLoader, start_epoch: int, start_batch: int) -> Iterator[tuple[int, int, Any, Any]]:
@@ -56,7 +63,7 @@ def micro_batches(loader: WindowLoader, start_epoch: int, start_batch: int) -> I
 def with_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:
     """The model's vocab defaults to the tokenizer's; a larger one is allowed, a smaller one is not."""
     model = dict(cfg.model)
-    model.setdefault("context_length", 256)
+    model.setdefault("context_length", DEFAULT_CONTEXT)
     if "vocab_size" not in model:
         model["vocab_size"] = vocab_size
     elif model["vocab_size"] < vocab_size:

@@ -26,11 +26,11 @@ import torch
 from picollm import rundir
 from picollm.config import RunConfig, apply_overrides, from_dict, to_dict
 from picollm.device import resolve_device, resolve_dtype
-from picollm.errors import UserError
+from picollm.errors import TrainingDiverged, UserError
 from picollm.export.hf import push
 from picollm.fileio import DiskFullError, is_disk_full, write_json_atomic
 from picollm.models.base import LanguageModel
-from picollm.training import faults
+from picollm.training import faults, lr_search
 from picollm.training.checkpoints import Checkpoints
 from picollm.training.distributed import any_flag, barrier, init_distributed, shutdown
 from picollm.training.evaluator import Evaluator
@@ -44,10 +44,6 @@ from picollm.training.step import LossModule, build_optimizer, set_lr, train_ste
 # LossModule and build_optimizer live in step.py; the benchmarks import them from here too
 __all__ = ["LossModule", "RunResult", "Trainer", "TrainingDiverged", "build_optimizer", "dry_run", "resume_run",
            "train"]
-
-
-class TrainingDiverged(UserError):
-    """Too many consecutive non-finite steps: the recipe (lr, clipping, dtype) needs changing."""
 
 
 @dataclass
@@ -70,6 +66,10 @@ def train(config: RunConfig | dict[str, Any], *, resume: bool = True, progress: 
     summary = rundir.read_summary(out)
     if resume and summary and summary.get("status") == "finished":
         return RunResult(out, summary)
+    if cfg.train.lr == "auto":  # short runs over train.lr_grid choose the rate first (lr_search.py)
+        cfg = lr_search.tune(cfg, train, progress=progress)
+        if cfg is None:  # a signal stopped a sweep run; the next call resumes it
+            return RunResult(out, {"status": "interrupted", "steps": 0})
     if resume and (out / rundir.CONFIG).is_file() and rundir.checkpoint_dirs(out):
         if not _same_run(rundir.read_run_config(out), cfg):
             raise UserError(f"{out} holds a run with a different model or data ({rundir.CONFIG}); choose "
@@ -200,7 +200,7 @@ class Trainer:
         self.clock = Clock(state.elapsed)
         self.log = TrainingLog(self.out, self.cfg, d, device, s.plan.total_steps, state, len(train_tokens),
                                self.clock, self.progress)
-        self.evaluator = Evaluator(self.cfg, s.data, device, d, self.log, self.checkpoints)
+        self.evaluator = Evaluator(self.cfg, s.data, device, d, self.log, self.checkpoints, s.plan.total_steps)
         if state.step == 0:
             self.log.say(f"{self.out}: {s.model.num_parameters():,} parameters "
                          f"({s.model.num_parameters(non_embedding=True):,} non-embedding), {s.plan.total_steps} "
@@ -232,6 +232,8 @@ class Trainer:
             if t.eval_interval and state.step % t.eval_interval == 0 and state.step < total:
                 faults.reached("during_eval", state.step)
                 self.evaluator.validate(s.model, state)
+            if state.step in self.evaluator.full_val_steps:
+                self.evaluator.validate_full(s.model, state)
             if t.ckpt_interval and state.step % t.ckpt_interval == 0 and state.step < total:
                 self._checkpoint(state)
             if self._signalled():
@@ -314,6 +316,7 @@ class Trainer:
             "dtype": t.dtype,
             "world_size": d.world_size,
             **splits,
+            **lr_search.summary_fields(t, wall),
         }
         if self.evaluator.should_stop(state):
             summary["stopped_early"] = True
