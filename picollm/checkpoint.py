@@ -12,7 +12,6 @@ from the hub (`picollm.hub`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from picollm.data.tokenizer import BPE_FILE, load_tokenizer
 from picollm.data.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG
 from picollm.errors import UserError
-from picollm.fileio import write_dir_atomic
+from picollm.fileio import file_record, write_dir_atomic
 from picollm.hub import download
 from picollm.models.base import LanguageModel
 from picollm.models.registry import build_model, model_config_to_dict
@@ -34,15 +33,6 @@ CONFIG_FILE = MODEL_CONFIG
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 FILES_KEY = "files"  # in config.json: {file name: {"bytes": size, "sha256": hex digest}}
-
-
-def file_record(path: Path) -> dict[str, Any]:
-    """{"bytes": size, "sha256": hex} of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def verify_file(path: Path, record: Any, recorded_in: Path) -> None:

@@ -15,6 +15,7 @@ The loop is `Trainer.loop`; one step is `picollm.training.step.train_step`. Its 
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,14 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from picollm import rundir
+from picollm import rundir, runlock
 from picollm.config import RunConfig, apply_overrides, from_dict, to_dict
 from picollm.device import resolve_device, resolve_dtype
 from picollm.errors import UserError
-from picollm.fileio import DiskFullError, is_disk_full, write_json_atomic
+from picollm.fileio import DiskFullError, check_writable_dir, is_disk_full, write_json_atomic
 from picollm.hub import push
 from picollm.models.base import LanguageModel
-from picollm.training import faults
+from picollm.training import faults, recipe
 from picollm.training.checkpoints import Checkpoints
 from picollm.training.distributed import any_flag, barrier, init_distributed, shutdown
 from picollm.training.evaluator import Evaluator
@@ -61,37 +62,60 @@ def resolve_config(config: RunConfig | dict[str, Any]) -> RunConfig:
     return config if isinstance(config, RunConfig) else from_dict(RunConfig, config)
 
 
-def train(config: RunConfig | dict[str, Any], *, resume: bool = True, progress: bool = True) -> RunResult:
+def train(config: RunConfig | dict[str, Any], *, resume: bool = True, progress: bool = True,
+          allow_recipe_change: bool = False, from_step: int | None = None) -> RunResult:
     """Train one run into `config.out`, resuming it if it was interrupted; returns the finished run.
 
-    A finished run (summary.json says so) is returned as it is."""
+    A finished run (summary.json says so) trained with the same recipe is returned as it is. Resuming
+    under another recipe is refused unless `allow_recipe_change` (see `picollm.training.recipe`);
+    `from_step` continues from the checkpoint at that step, moving what came after it aside
+    (`picollm.rundir.discard_after`). The run directory is locked while it trains (`picollm.runlock`)."""
     cfg = resolve_config(config)
     out = Path(cfg.out)
+    check_writable_dir(out, "the run directory")
+    finished, _ = inspect_start(out, cfg, resume, allow_recipe_change, from_step)
+    if finished is not None:
+        return RunResult(out, finished)
+    return Trainer(cfg, resume=resume, progress=progress, allow_recipe_change=allow_recipe_change,
+                   from_step=from_step).run()
+
+
+def inspect_start(out: Path, cfg: RunConfig, resume: bool, allow_recipe_change: bool,
+                  from_step: int | None) -> tuple[dict[str, Any] | None, list[recipe.Change]]:
+    """Read-only: (the summary of a finished run to return as it is, or None; the allowed recipe changes).
+    UserError when the directory cannot be continued as asked."""
+    if not out.is_dir():
+        if from_step is not None:
+            raise UserError(f"{out} does not exist: --from-step continues a run that has checkpoints")
+        return None, []
+    rundir.check_format(out)
+    if not resume:
+        return None, []
     summary = rundir.read_summary(out)
-    if resume and summary and summary.get("status") == "finished":
-        return RunResult(out, summary)
-    if resume and (out / rundir.CONFIG).is_file() and rundir.checkpoint_dirs(out):
-        if not _same_run(rundir.read_run_config(out), cfg):
-            raise UserError(f"{out} holds a run with a different model or data ({rundir.CONFIG}); choose "
-                            f"another --out, or continue that run with `picollm train --resume {out}`")
-    return Trainer(cfg, resume=resume, progress=progress).run()
+    finished = bool(summary) and summary.get("status") == "finished"
+    saved = rundir.checkpoint_dirs(out)
+    if from_step is not None:
+        steps = [rundir.step_of(p) for p in saved]
+        if from_step not in steps:
+            have = f"its checkpoints are at steps {', '.join(map(str, steps))}" if steps else "it has no checkpoints"
+            raise UserError(f"{out} has no checkpoint at step {from_step} (--from-step): {have}")
+    found: list[recipe.Change] = []
+    if (out / rundir.CONFIG).is_file() and (saved or finished):
+        found = recipe.check_resume(out, rundir.read_run_config(out), cfg, allow_recipe_change, finished)
+    if finished and not found and from_step is None:
+        return summary, []
+    return None, found
 
 
-def _same_run(saved: RunConfig, cfg: RunConfig) -> bool:
-    a, b = to_dict(saved), to_dict(cfg)
-    # the saved config has the resolved vocab/context; compare only what the new config states
-    a["model"] = {k: v for k, v in a["model"].items() if k in b["model"]}
-    # budgets and intervals may change on resume (e.g. train longer); the model and data may not
-    return a["model"] == b["model"] and a["data"] == b["data"]
-
-
-def resume_run(directory: str | Path, progress: bool = True, overrides: dict[str, Any] | None = None) \
-        -> RunResult:
-    """`picollm train --resume DIR`: continue the run in DIR from its latest checkpoint."""
+def resume_run(directory: str | Path, progress: bool = True, overrides: dict[str, Any] | None = None, *,
+               allow_recipe_change: bool = False, from_step: int | None = None, fresh: bool = False) -> RunResult:
+    """`picollm train --resume DIR`: continue the run in DIR from its latest checkpoint (or the one at
+    `from_step`); `fresh`: start it over from its config.yaml."""
     out = Path(directory)
     data = apply_overrides(to_dict(rundir.read_run_config(out)), overrides or {})
     data["out"] = str(out)
-    return train(from_dict(RunConfig, data), resume=True, progress=progress)
+    return train(from_dict(RunConfig, data), resume=not fresh, progress=progress,
+                 allow_recipe_change=allow_recipe_change, from_step=from_step)
 
 
 def dry_run(config: RunConfig | dict[str, Any], measure_steps: int = 3) -> dict[str, Any]:
@@ -139,10 +163,13 @@ def dry_run(config: RunConfig | dict[str, Any], measure_steps: int = 3) -> dict[
 class Trainer:
     """One call of `train`: set-up, the loop, the end (final evaluation, final model, summary)."""
 
-    def __init__(self, cfg: RunConfig, resume: bool, progress: bool) -> None:
+    def __init__(self, cfg: RunConfig, resume: bool, progress: bool, allow_recipe_change: bool = False,
+                 from_step: int | None = None) -> None:
         self.cfg = cfg
         self.resume = resume
         self.progress = progress
+        self.allow_recipe_change = allow_recipe_change
+        self.from_step = from_step
         self.out = Path(cfg.out)
         self.signals = StopSignals()
 
@@ -185,14 +212,45 @@ class Trainer:
         raise diverged
 
     def _train(self) -> RunResult:
-        d, device = self.d, self.device
-        self.s = s = set_up(self.cfg, device, d, self.progress)
-        self.cfg = s.cfg
-        self.checkpoints = Checkpoints(self.out, self.cfg.train.keep_last, d)
-        latest = self.checkpoints.start(self.resume)
-        state = self.checkpoints.restore(latest, s.model, s.optimizer, s.scaler) if latest else TrainState()
+        d = self.d
+        self.s = set_up(self.cfg, self.device, d, self.progress)
+        self.cfg = self.s.cfg
+        with runlock.hold(self.out, d.rank) as lock:
+            return self._train_locked(lock)
+
+    def _record_course(self, step: int, changed: list[recipe.Change]) -> bool:
+        """In the run's history: a recipe change allowed at `step`, and a continuation from an earlier step
+        than the run reached (`--from-step`, or a finished run continued under a changed recipe), for which
+        what came after `step` is moved aside. Whether best/ was moved aside."""
+        out = self.out
+        if changed:
+            rundir.append_history(out, "recipe changed", step=step, changes={c.key: [c.old, c.new] for c in changed})
+        ended = any((out / name).exists() for name in (rundir.FINAL, rundir.SUMMARY))
+        if not self.resume or (self.from_step is None and not (changed and ended)):
+            return False
+        moved = rundir.discard_after(out, step)
+        best_moved = moved.pop("best_moved")
+        rundir.append_history(out, "continued from an earlier step", step=step, **moved)
+        print(f"[picollm] {out}: continuing from step {step}; moved to {out / moved['to']}: "
+              f"{', '.join(moved['moved']) or 'nothing'}", file=sys.stderr)
+        return best_moved
+
+    def _train_locked(self, lock: runlock.RunLock) -> RunResult:
+        d, device, s, out = self.d, self.device, self.s, self.out
+        self.checkpoints = Checkpoints(out, self.cfg.train.keep_last, d)
+        # read first: a refused or damaged start leaves the directory as it was
+        _, changed = inspect_start(out, self.cfg, self.resume, self.allow_recipe_change, self.from_step)
+        latest = self.checkpoints.resume_point(self.resume, self.from_step)
+        state = (self.checkpoints.restore(latest, s.model, s.optimizer, s.scaler, s.data.tokenizer) if latest
+                 else TrainState())
+        barrier(d)  # every rank has read before rank 0 writes
+        # then write: who trains here, what changes the run's course, the run files
+        lock.announce()
         if d.is_main:
-            rundir.write_run_files(self.out, self.cfg, device)
+            if self._record_course(state.step, changed):  # best/ was saved later: the next evaluation saves it
+                state.best_val_loss = None
+            self.checkpoints.tidy(latest, self.resume)
+            rundir.write_run_files(out, self.cfg, device)
         barrier(d)
 
         train_tokens = s.data.tokens("train")
