@@ -372,7 +372,7 @@ def test_fuzzed_tinystories_files_lose_nothing_silently(case, block):
         except UnicodeDecodeError as exc:
             with pytest.raises(UserError, match=f"invalid UTF-8 at byte offset {exc.start}") as err:
                 list(iter_stories(str(path)))
-            assert str(path) in str(err.value) and "--encoding-errors replace" in str(err.value)
+            assert str(path) in str(err.value) and "--data.encoding_errors replace" in str(err.value)
         else:
             assert list(iter_stories(str(path))) == want
 
