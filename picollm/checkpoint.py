@@ -6,12 +6,16 @@ complete directory or the new complete one; a full disk is a `DiskFullError` nam
 
 `config.json` records the size and sha256 of the weights and tokenizer files (`files`), so a file
 that was truncated, corrupted or copied in from another checkpoint is named on load instead of
-being used. `load(path)` finds the checkpoint in a run directory (`picollm.rundir`) or fetches it
+being used, and since format 2 the sha256 of its own content (`config_sha256`, over the rest of the
+file as canonical JSON), so an edited field (a head count, say) is refused rather than loaded into a
+model it does not describe. Format 1 (without it) loads as before; a newer format is refused.
+`load(path)` finds the checkpoint in a run directory (`picollm.rundir`) or fetches it
 from the hub (`picollm.hub`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -31,8 +35,16 @@ from picollm.rundir import MODEL_CONFIG, model_dir
 
 CONFIG_FILE = MODEL_CONFIG
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FORMAT_KEY = "picollm_format"
 FILES_KEY = "files"  # in config.json: {file name: {"bytes": size, "sha256": hex digest}}
+CHECKSUM_KEY = "config_sha256"  # in config.json: config_checksum of the rest of it
+
+
+def config_checksum(config: dict[str, Any]) -> str:
+    """sha256 of `config` without its CHECKSUM_KEY, as canonical JSON (sorted keys, no spaces)."""
+    rest = {k: v for k, v in config.items() if k != CHECKSUM_KEY}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def verify_file(path: Path, record: Any, recorded_in: Path) -> None:
@@ -75,7 +87,7 @@ def write_model_files(model: LanguageModel, directory: Path, tokenizer: Any = No
     """Write model.safetensors, the tokenizer and config.json (last: it records the others' sizes and
     sha256) into an existing directory."""
     config = {
-        "picollm_format": FORMAT_VERSION,
+        FORMAT_KEY: FORMAT_VERSION,
         "model": model_config_dict(model),
         "num_parameters": model.num_parameters(),
         "num_parameters_non_embedding": model.num_parameters(non_embedding=True),
@@ -88,6 +100,7 @@ def write_model_files(model: LanguageModel, directory: Path, tokenizer: Any = No
         tokenizer.save(directory)
         names += [n for n in (TOKENIZER_CONFIG, BPE_FILE) if (directory / n).is_file()]
     config[FILES_KEY] = {name: file_record(directory / name) for name in names}
+    config[CHECKSUM_KEY] = config_checksum(config)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
@@ -108,6 +121,13 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON ({reason}); the checkpoint is damaged") from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise UserError(f"{path} has no 'model' section; is this a picollm checkpoint?")
+    version = config.get(FORMAT_KEY, 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"{path} is checkpoint format {version!r}, written by a newer picollm; this one reads formats "
+                        f"up to {FORMAT_VERSION}: upgrade picollm to load it")
+    if version >= 2 and config.get(CHECKSUM_KEY) != config_checksum(config):
+        raise UserError(f"{path} was changed after it was written (its content no longer matches its "
+                        f"{CHECKSUM_KEY}): a model field edited by hand, or damage; use another checkpoint")
     return config
 
 

@@ -28,7 +28,7 @@ from helpers import assert_same_weights, final_weights, logged_steps, pickle_tra
 from safetensors.torch import load_file
 
 import picollm
-from picollm.checkpoint import load_model
+from picollm.checkpoint import config_checksum, load_model
 from picollm.cli import main
 from picollm.errors import UserError
 from picollm.training.trainer import train
@@ -223,10 +223,13 @@ def _flip(path: Path, at: int, count: int = 16) -> None:
     path.write_bytes(bytes(data))
 
 
-def _edit_config(directory: Path, edit) -> None:
+def _edit_config(directory: Path, edit, reseal: bool = True) -> None:
+    """Edit config.json; `reseal`: with a checksum that matches the edit (what the checks behind it see)."""
     path = directory / "config.json"
     config = json.loads(path.read_text())
     edit(config)
+    if reseal:
+        config["config_sha256"] = config_checksum(config)
     path.write_text(json.dumps(config, indent=2))
 
 
@@ -256,6 +259,10 @@ BREAKAGES = {
                         ["config.json", "not valid JSON"]),
     "config not a mapping": (lambda d: (d / "config.json").write_text("[1, 2]"),
                              ["config.json", "no 'model' section"]),
+    "head count edited": (lambda d: _edit_config(d, lambda c: c["model"].update(n_heads=1), reseal=False),
+                          ["config.json", "was changed after it was written", "config_sha256"]),
+    "newer format": (lambda d: _edit_config(d, lambda c: c.update(picollm_format=3)),
+                     ["config.json", "format 3", "upgrade picollm"]),
     "unknown family": (lambda d: _edit_config(d, lambda c: c["model"].update(family="mamba")),
                        ["config.json", "unknown model family 'mamba'"]),
     "bad model field": (lambda d: _edit_config(d, lambda c: c["model"].update(n_layers="two")),
@@ -337,7 +344,8 @@ def test_prepare_rebuilds_a_damaged_cache_and_says_so(tmp_path, sample_path, cap
     code, out, err = run_cli(capsys, *args)
     assert code == 0, err
     directory = Path(json.loads(out)["directory"])
-    original = {p.name: p.read_bytes() for p in directory.iterdir() if p.name != "meta.json"}
+    kept = ("meta.json", ".verified.json")  # timings; the stamp of the files as built
+    original = {p.name: p.read_bytes() for p in directory.iterdir() if p.name not in kept}
 
     def truncate(path: Path) -> None:
         path.write_bytes(path.read_bytes()[:-3])
@@ -354,7 +362,7 @@ def test_prepare_rebuilds_a_damaged_cache_and_says_so(tmp_path, sample_path, cap
         assert f"cached data is unusable ({directory / name}" in err and word in err and "rebuilding" in err, err
         info = json.loads(out)
         assert not info["cached"] and Path(info["directory"]) == directory
-        assert {p.name: p.read_bytes() for p in directory.iterdir() if p.name != "meta.json"} == original
+        assert {p.name: p.read_bytes() for p in directory.iterdir() if p.name not in kept} == original
         code, out, err = run_cli(capsys, *args)
         assert code == 0 and json.loads(out)["cached"] and err == ""
 
