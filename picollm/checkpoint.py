@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from picollm.data.tokenizer import BPE_FILE, load_tokenizer
 from picollm.data.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG
+from picollm.device import resolve_device
 from picollm.errors import UserError
 from picollm.fileio import file_record, write_dir_atomic
 from picollm.hub import download
@@ -216,5 +217,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> LanguageModel:
-    """`picollm.load`: a trained model, with its tokenizer as `model.tokenizer`."""
+    """`picollm.load`: a trained model, with its tokenizer as `model.tokenizer`. `device`: cpu, cuda, cuda:N,
+    mps or auto (a UserError naming these for any other)."""
+    device = resolve_device(device)  # before anything is read: an unknown or absent device is the user's
     return load_model(resolve_checkpoint(path), device=device)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from helpers import assert_same_weights
 
-from picollm.checkpoint import FORMAT_VERSION, config_checksum, load_model
+from picollm.checkpoint import FORMAT_VERSION, config_checksum, load, load_model
 from picollm.errors import UserError
 
 
@@ -33,3 +33,8 @@ def test_an_edited_head_count_is_refused_and_a_format_1_checkpoint_loads(tmp_pat
     (directory / "config.json").write_text(json.dumps(old, indent=2))
     assert_same_weights(load_model(directory).state_dict(), load_model(reference_run / "final").state_dict(),
                         "a format-1 checkpoint")
+
+
+def test_loading_onto_a_device_that_does_not_exist_names_the_allowed_ones(reference_run):
+    with pytest.raises(UserError, match="unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps"):
+        load(reference_run, device="tpu")

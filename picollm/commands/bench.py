@@ -91,8 +91,12 @@ def run(args: argparse.Namespace) -> int:
 
     from picollm.bench import run_bench
     from picollm.errors import UserError
+    from picollm.fileio import check_writable_file
 
     opts = options_from_args(args)
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path is not None:
+            check_writable_file(path, flag)
     if args.device == "cuda":
         import torch
 

@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps(report))
             else:
                 for key, value in report.items():
+                    if value is None:
+                        continue  # not measured: `not_measured` says why
                     print(f"{key:>30}: {value:,.4g}" if isinstance(value, float) else f"{key:>30}: {value}")
             return 0
         result = train(config, resume=not args.fresh, progress=not args.no_progress,

@@ -695,12 +695,14 @@ def format_dry_run(rows: list[dict[str, Any]], jobs: int = 1) -> str:
     lines = [head, "-" * len(head)]
     total = 0.0
     for r in rows:
-        est = float(r["est_seconds"])
+        measured = r["est_seconds"] is not None  # not: too large for the memory here (r["not_measured"])
+        est = float(r["est_seconds"]) if measured else 0.0
         if not r["finished"]:
             total += est
+        speed = f"{r['tokens_per_s']:>8,.0f} {_duration(est):>8s}" if measured else f"{'n/a':>8s} {'n/a':>8s}"
         lines.append(f"{r['run'][:34]:34s} {','.join(r['groups'])[:22]:22s} {r['num_parameters']:>10,} "
                      f"{r['num_parameters_non_embedding']:>10,} {r['tokens']:>11,} {r['flops']:>9.2e} "
-                     f"{r['tokens_per_s']:>8,.0f} {_duration(est):>8s}  {'finished' if r['finished'] else 'to train'}")
+                     f"{speed}  {'finished' if r['finished'] else 'to train'}")
     lines.append("-" * len(head))
     todo = sum(1 for r in rows if not r["finished"])
     lines.append(f"{len(rows)} distinct runs, {len(rows) - todo} finished; {todo} to train: {_duration(total)} of "

@@ -31,13 +31,14 @@ from picollm.errors import UserError
 from picollm.fileio import DiskFullError, check_writable_dir, is_disk_full, write_json_atomic
 from picollm.hub import push
 from picollm.models.base import LanguageModel
-from picollm.training import faults, recipe
+from picollm.models.sizing import build_on_meta
+from picollm.training import faults, footprint, recipe
 from picollm.training.checkpoints import Checkpoints
 from picollm.training.distributed import any_flag, barrier, init_distributed, shutdown
 from picollm.training.evaluator import Evaluator
 from picollm.training.metrics import Clock, TrainingLog, peak_memory_mb, unigram_entropy
 from picollm.training.schedule import lr_at
-from picollm.training.setup import micro_batches, set_up
+from picollm.training.setup import data_plan, micro_batches, prepared_data, set_up
 from picollm.training.signals import StopSignals
 from picollm.training.state import TrainState
 from picollm.training.step import LossModule, build_optimizer, set_lr, train_step
@@ -119,11 +120,45 @@ def resume_run(directory: str | Path, progress: bool = True, overrides: dict[str
 
 
 def dry_run(config: RunConfig | dict[str, Any], measure_steps: int = 3) -> dict[str, Any]:
-    """Parameters, tokens, FLOPs and an estimated wall time from a few measured steps, without training."""
+    """Parameters, tokens, FLOPs and the memory a step needs, computed on the meta device without allocating
+    the model; then, where that estimate clearly fits in the memory available (half of it at most), a few
+    measured steps and the wall time they predict. Trains nothing."""
     cfg = resolve_config(config)
     device = resolve_device(cfg.train.device)
     cfg = replace(cfg, train=replace(cfg.train, dtype=resolve_dtype(cfg.train.dtype, device)))
     t = cfg.train
+    data = prepared_data(cfg)
+    cfg, _, plan = data_plan(cfg, data)
+    model = build_on_meta(cfg.model)
+    T = cfg.model["context_length"]
+    tokens = plan.total_steps * plan.tokens_per_step
+    flops_per_token = model.flops_per_token(T)
+    needed = footprint.estimate(model, cfg)
+    available = footprint.available_bytes(device)
+    report: dict[str, Any] = {
+        "family": cfg.model["family"],
+        "num_parameters": model.num_parameters(),
+        "num_parameters_non_embedding": model.num_parameters(non_embedding=True),
+        "vocab_size": cfg.model["vocab_size"],
+        "context_length": T,
+        "train_tokens_per_epoch": int(len(data.tokens("train"))),
+        "steps": plan.total_steps,
+        "tokens": tokens,
+        "flops_per_token": flops_per_token,
+        "flops": flops_per_token * tokens,
+        "memory_estimate": footprint.gigabytes(needed.total),
+        "memory_available": footprint.gigabytes(available) if available is not None else None,
+        "step_seconds": None,
+        "tokens_per_s": None,
+        "est_seconds": None,
+        "device": str(device),
+        "dtype": t.dtype,
+    }
+    if available is not None and needed.total > available / 2:
+        report["not_measured"] = (f"a step needs about {footprint.gigabytes(needed.total)} (weights, gradients, "
+                                  f"optimizer state, activations), more than half of the "
+                                  f"{footprint.gigabytes(available)} available on {device}")
+        return report
     if t.threads:
         torch.set_num_threads(t.threads)
     s = set_up(cfg, device)
@@ -138,26 +173,9 @@ def dry_run(config: RunConfig | dict[str, Any], measure_steps: int = 3) -> dict[
         if i > 0:  # the first step pays for allocation and warm-up
             times.append(time.perf_counter() - start)
     step_seconds = float(np.median(times))
-    T = s.cfg.model["context_length"]
-    tokens = s.plan.total_steps * s.plan.tokens_per_step
-    flops_per_token = s.model.flops_per_token(T)
-    return {
-        "family": s.cfg.model["family"],
-        "num_parameters": s.model.num_parameters(),
-        "num_parameters_non_embedding": s.model.num_parameters(non_embedding=True),
-        "vocab_size": s.cfg.model["vocab_size"],
-        "context_length": T,
-        "train_tokens_per_epoch": int(len(s.data.tokens("train"))),
-        "steps": s.plan.total_steps,
-        "tokens": tokens,
-        "flops_per_token": flops_per_token,
-        "flops": flops_per_token * tokens,
-        "step_seconds": step_seconds,
-        "tokens_per_s": s.plan.tokens_per_step / step_seconds,
-        "est_seconds": step_seconds * s.plan.total_steps,
-        "device": str(device),
-        "dtype": t.dtype,
-    }
+    report.update(step_seconds=step_seconds, tokens_per_s=plan.tokens_per_step / step_seconds,
+                  est_seconds=step_seconds * plan.total_steps)
+    return report
 
 
 class Trainer:
