@@ -257,14 +257,28 @@ def find_run_dir(path: str | Path) -> Path | None:
     return None
 
 
+def _instead(run: Path, damaged: Path) -> str:
+    """What to load or run instead of a damaged final/ or best/ of `run`."""
+    others = [p for p in (run / BEST, *reversed(checkpoint_dirs(run))) if p != damaged and (p / MODEL_CONFIG).is_file()]
+    use = f"load {others[0]} instead" if others else "no other checkpoint of the run is left"
+    saved = checkpoint_dirs(run)
+    if damaged.name == FINAL and saved and (run / CONFIG).is_file():
+        return (f"{use}, or write it again from the last checkpoint with `picollm train --resume {run} --from-step "
+                f"{step_of(saved[-1])}` (what it replaces is moved aside)")
+    return use
+
+
 def model_dir(directory: Path) -> Path:
     """The model directory that `directory` is or holds: itself, else a run's final model, then the
-    best by validation loss, then the latest periodic checkpoint."""
+    best by validation loss, then the latest periodic checkpoint. A final/ or best/ that is there but
+    damaged is a UserError naming it and what to use instead (never silently another model)."""
     if (directory / MODEL_CONFIG).is_file():
         return directory
     for candidate in (directory / FINAL, directory / BEST):
         if (candidate / MODEL_CONFIG).is_file():
             return candidate
+        if candidate.exists():  # written atomically, so never incomplete by a kill: damaged since
+            raise UserError(f"{candidate} is damaged ({MODEL_CONFIG} is missing); {_instead(directory, candidate)}")
     periodic = [p for p in checkpoint_dirs(directory) if (p / MODEL_CONFIG).is_file()]
     if periodic:
         return periodic[-1]

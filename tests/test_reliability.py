@@ -28,6 +28,7 @@ from helpers import assert_same_weights, final_weights, logged_steps, pickle_tra
 from safetensors.torch import load_file
 
 import picollm
+from picollm import rundir
 from picollm.checkpoint import config_checksum, load_model
 from picollm.cli import main
 from picollm.errors import UserError
@@ -436,6 +437,14 @@ def test_divergence_stops_with_a_message_naming_the_last_good_checkpoint(tmp_pat
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [last_good.name]
     model = load_model(last_good)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # the advice is a command that runs: from the last good checkpoint, at a lower rate (here, the fault gone)
+    command = re.search(r"`(picollm train [^`]*)`", lines[0]).group(1)
+    assert command == f"picollm train --resume {out} --allow-recipe-change --train.lr 0.001", command
+    monkeypatch.setattr(step_module, "model_loss", real)
+    code, _, err = run_cli(capsys, *command.split()[1:], "--no-progress")
+    assert code == 0, err
+    assert rundir.read_history(out)[-1]["changes"] == {"train.lr": [0.003, 0.001]}
+    monkeypatch.setattr(step_module, "model_loss", poisoned)
     # with no checkpoint before the divergence, the message says so rather than pointing at nothing
     calls["n"] = 0
     code, _, err = run_cli(capsys, "train", "--config", str(config_file), "--no-progress", "--fresh",

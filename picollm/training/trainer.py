@@ -333,10 +333,12 @@ class Trainer:
             saved = rundir.checkpoint_dirs(self.out)
             where = (f"its last checkpoint, {saved[-1]}, holds the last good weights" if saved else
                      "no checkpoint was written before it (see train.ckpt_interval)")
+            lower = f"{t.lr / 3:.2g}" if isinstance(t.lr, float) else "LOWER"
             raise TrainingDiverged(
                 f"{t.max_bad_steps} steps in a row had a non-finite loss or gradient; the run stopped "
-                f"at step {state.step} and {where}; lower train.lr, set train.grad_clip, or use train.dtype "
-                f"fp32/bf16, then resume with `picollm train --resume {self.out}`")
+                f"at step {state.step} and {where}; continue it with a lower learning rate, e.g. `picollm train "
+                f"--resume {self.out} --allow-recipe-change --train.lr {lower}` (or a lower train.grad_clip, or "
+                "train.dtype fp32)")
 
     def _checkpoint(self, state: TrainState) -> None:
         self.checkpoints.save(state, self.s.model, self.s.data.tokenizer, self.s.optimizer, self.s.scaler)
