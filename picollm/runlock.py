@@ -44,7 +44,8 @@ class RunInUse(UserError):
 def _command() -> str:
     """This process's command line, as the user would type it again."""
     argv = list(sys.argv)
-    if argv and Path(argv[0]).name in ("picollm", "__main__.py"):
+    first = Path(argv[0]) if argv else Path()
+    if first.name == "picollm" or (first.name == "__main__.py" and first.parent.name == "picollm"):
         argv[0] = "picollm"
     text = shlex.join(argv)
     return text if len(text) <= 300 else text[:297] + "..."

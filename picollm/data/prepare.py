@@ -100,21 +100,22 @@ def _slug(cfg: DataConfig) -> str:
 
 
 @contextlib.contextmanager
-def _locked(path: Path, report: _Progress) -> Iterator[None]:
-    """An exclusive lock on `path` (so ranks preparing the same data build it once)."""
+def _locked(directory: Path, report: _Progress) -> Iterator[None]:
+    """An exclusive lock on the cache `directory` itself (so that ranks preparing the same data build it once,
+    and no lock file is left behind)."""
     if fcntl is None:
         yield
         return
-    with open(path, "a+b") as handle:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            report.line(f"waiting for another prepare of the same data to finish ({path} is locked)")
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            report.line(f"waiting for another prepare in {directory} to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def prepare(cfg: DataConfig, progress: bool = True) -> PreparedData:
@@ -134,9 +135,20 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PreparedData:
             raise UserError(f"{exc} (the cache {root} is not writable, so it cannot be rebuilt here; {fix})") \
                 from None
     check_writable_dir(root, "the prepared-data cache", fix)
+    created = [p for p in (root, *root.parents) if not p.exists()]
     root.mkdir(parents=True, exist_ok=True)
-    report = _Progress(progress)
-    with _locked(root / f".{final.name}.lock", report):
+    try:
+        return _open_or_build(cfg, final, _Progress(progress))
+    except BaseException:
+        for directory in created:  # deepest first: a failed first build leaves no empty cache behind
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
+def _open_or_build(cfg: DataConfig, final: Path, report: _Progress) -> PreparedData:
+    root = final.parent
+    with _locked(root, report):
         if final.exists():
             try:
                 data = PreparedData.open(final)
