@@ -6,6 +6,8 @@ tokens); any other change of the recipe is refused unless the user says `--allow
 is then recorded in the run's history (`history.jsonl`), because the run's curves and results mix the
 two recipes from that step on.
 
+`check_start` decides, reading only, whether a run directory can start as asked.
+
 `RECIPE` is the one list of what counts: extend it when a setting that changes the training is added
 (for example `train.lr: auto`'s sweep settings, whose chosen rate is a record, not a setting). Not in it,
 on purpose: threads, device, dtype, compile, the evaluation, checkpoint and logging intervals, W&B, the
@@ -19,6 +21,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from picollm import rundir
 from picollm.config import RunConfig, to_dict
 from picollm.errors import UserError
 from picollm.models.registry import model_config_from_dict, model_config_to_dict
@@ -98,3 +101,31 @@ def check_resume(out: Path, saved: RunConfig, new: RunConfig, allow: bool, finis
         raise UserError(f"{head}; start over with --fresh, train into another --out, or pass --allow-recipe-change "
                         "to continue it under the new recipe (the change is recorded in the run's history.jsonl)")
     return found
+
+
+def check_start(out: Path, cfg: RunConfig, resume: bool, allow_recipe_change: bool,
+                  from_step: int | None) -> tuple[dict[str, Any] | None, list[Change]]:
+    """Whether the run directory `out` can start under `cfg` as asked (reads only): (the summary of a
+    finished run to return as it is, or None; the recipe changes allowed). UserError when it cannot: a
+    newer format, no checkpoint at `from_step`, a recipe change not allowed."""
+    if not out.is_dir():
+        if from_step is not None:
+            raise UserError(f"{out} does not exist: --from-step continues a run that has checkpoints")
+        return None, []
+    rundir.check_format(out)
+    if not resume:
+        return None, []
+    summary = rundir.read_summary(out)
+    finished = bool(summary) and summary.get("status") == "finished"
+    saved = rundir.checkpoint_dirs(out)
+    if from_step is not None:
+        steps = [rundir.step_of(p) for p in saved]
+        if from_step not in steps:
+            have = f"its checkpoints are at steps {', '.join(map(str, steps))}" if steps else "it has no checkpoints"
+            raise UserError(f"{out} has no checkpoint at step {from_step} (--from-step): {have}")
+    found: list[Change] = []
+    if (out / rundir.CONFIG).is_file() and (saved or finished):
+        found = check_resume(out, rundir.read_run_config(out), cfg, allow_recipe_change, finished)
+    if finished and not found and from_step is None:
+        return summary, []
+    return None, found

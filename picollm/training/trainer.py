@@ -74,38 +74,11 @@ def train(config: RunConfig | dict[str, Any], *, resume: bool = True, progress: 
     cfg = resolve_config(config)
     out = Path(cfg.out)
     check_writable_dir(out, "the run directory")
-    finished, _ = inspect_start(out, cfg, resume, allow_recipe_change, from_step)
+    finished, _ = recipe.check_start(out, cfg, resume, allow_recipe_change, from_step)
     if finished is not None:
         return RunResult(out, finished)
     return Trainer(cfg, resume=resume, progress=progress, allow_recipe_change=allow_recipe_change,
                    from_step=from_step).run()
-
-
-def inspect_start(out: Path, cfg: RunConfig, resume: bool, allow_recipe_change: bool,
-                  from_step: int | None) -> tuple[dict[str, Any] | None, list[recipe.Change]]:
-    """Read-only: (the summary of a finished run to return as it is, or None; the allowed recipe changes).
-    UserError when the directory cannot be continued as asked."""
-    if not out.is_dir():
-        if from_step is not None:
-            raise UserError(f"{out} does not exist: --from-step continues a run that has checkpoints")
-        return None, []
-    rundir.check_format(out)
-    if not resume:
-        return None, []
-    summary = rundir.read_summary(out)
-    finished = bool(summary) and summary.get("status") == "finished"
-    saved = rundir.checkpoint_dirs(out)
-    if from_step is not None:
-        steps = [rundir.step_of(p) for p in saved]
-        if from_step not in steps:
-            have = f"its checkpoints are at steps {', '.join(map(str, steps))}" if steps else "it has no checkpoints"
-            raise UserError(f"{out} has no checkpoint at step {from_step} (--from-step): {have}")
-    found: list[recipe.Change] = []
-    if (out / rundir.CONFIG).is_file() and (saved or finished):
-        found = recipe.check_resume(out, rundir.read_run_config(out), cfg, allow_recipe_change, finished)
-    if finished and not found and from_step is None:
-        return summary, []
-    return None, found
 
 
 def resume_run(directory: str | Path, progress: bool = True, overrides: dict[str, Any] | None = None, *,
@@ -257,7 +230,7 @@ class Trainer:
         d, device, s, out = self.d, self.device, self.s, self.out
         self.checkpoints = Checkpoints(out, self.cfg.train.keep_last, d)
         # read first: a refused or damaged start leaves the directory as it was
-        _, changed = inspect_start(out, self.cfg, self.resume, self.allow_recipe_change, self.from_step)
+        _, changed = recipe.check_start(out, self.cfg, self.resume, self.allow_recipe_change, self.from_step)
         latest = self.checkpoints.resume_point(self.resume, self.from_step)
         state = (self.checkpoints.restore(latest, s.model, s.optimizer, s.scaler, s.data.tokenizer) if latest
                  else TrainState())
