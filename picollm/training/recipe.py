@@ -104,7 +104,7 @@ def check_resume(out: Path, saved: RunConfig, new: RunConfig, allow: bool, finis
 
 
 def check_start(out: Path, cfg: RunConfig, resume: bool, allow_recipe_change: bool,
-                  from_step: int | None) -> tuple[dict[str, Any] | None, list[Change]]:
+                from_step: int | None) -> tuple[dict[str, Any] | None, list[Change]]:
     """Whether the run directory `out` can start under `cfg` as asked (reads only): (the summary of a
     finished run to return as it is, or None; the recipe changes allowed). UserError when it cannot: a
     newer format, no checkpoint at `from_step`, a recipe change not allowed."""
