@@ -19,6 +19,8 @@ Adding a row is one line. The command line is split like a shell's and its place
 
 `world` names a function of WORLDS that prepares the row's directory before the command runs. `sub=True`
 runs the command in a real subprocess (`python -m picollm`) instead of `picollm.cli.main` in process.
+`needs` names the branch whose fix a row tests before it is merged (`study`: a dotted override written
+as `--key value` before the study's optional STUDY.yaml); such a row fails until then, by design.
 
 The matrix is built from `picollm.cli.COMMANDS`: a verb without a happy row and an error row fails
 `test_every_verb_has_rows`, so a verb added later must bring its rows.
