@@ -6,7 +6,10 @@ complete directory or the new complete one; a full disk is a `DiskFullError` nam
 
 `config.json` records the size and sha256 of the weights and tokenizer files (`files`), so a file
 that was truncated, corrupted or copied in from another checkpoint is named on load instead of
-being used. `load(path)` finds the checkpoint in a run directory (`picollm.rundir`) or fetches it
+being used, and since format 2 the sha256 of its own content (`config_sha256`, over the rest of the
+file as canonical JSON), so an edited field (a head count, say) is refused rather than loaded into a
+model it does not describe. Format 1 (without it) loads as before; a newer format is refused.
+`load(path)` finds the checkpoint in a run directory (`picollm.rundir`) or fetches it
 from the hub (`picollm.hub`).
 """
 
@@ -23,11 +26,12 @@ from safetensors.torch import load_file, save_file
 
 from picollm.data.tokenizer import BPE_FILE, load_tokenizer
 from picollm.data.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG
+from picollm.device import resolve_device
 from picollm.errors import UserError
 from picollm.export.gpt2 import from_gpt2_weights
 from picollm.export.layout import picollm_view, refuse_pickled_weights
 from picollm.export.tokenizer_files import TOKENIZER_JSON, read_tokenizer
-from picollm.fileio import write_dir_atomic
+from picollm.fileio import file_record, write_dir_atomic
 from picollm.hub import download
 from picollm.models.base import LanguageModel
 from picollm.models.registry import build_model, model_config_to_dict
@@ -35,17 +39,16 @@ from picollm.rundir import MODEL_CONFIG, model_dir
 
 CONFIG_FILE = MODEL_CONFIG
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FORMAT_KEY = "picollm_format"
 FILES_KEY = "files"  # in config.json: {file name: {"bytes": size, "sha256": hex digest}}
+CHECKSUM_KEY = "config_sha256"  # in config.json: config_checksum of the rest of it
 
 
-def file_record(path: Path) -> dict[str, Any]:
-    """{"bytes": size, "sha256": hex} of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+def config_checksum(config: dict[str, Any]) -> str:
+    """sha256 of `config` without its CHECKSUM_KEY, as canonical JSON (sorted keys, no spaces)."""
+    rest = {k: v for k, v in config.items() if k != CHECKSUM_KEY}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def verify_file(path: Path, record: Any, recorded_in: Path) -> None:
@@ -88,7 +91,7 @@ def write_model_files(model: LanguageModel, directory: Path, tokenizer: Any = No
     """Write model.safetensors, the tokenizer and config.json (last: it records the others' sizes and
     sha256) into an existing directory."""
     config = {
-        "picollm_format": FORMAT_VERSION,
+        FORMAT_KEY: FORMAT_VERSION,
         "model": model_config_dict(model),
         "num_parameters": model.num_parameters(),
         "num_parameters_non_embedding": model.num_parameters(non_embedding=True),
@@ -101,6 +104,7 @@ def write_model_files(model: LanguageModel, directory: Path, tokenizer: Any = No
         tokenizer.save(directory)
         names += [n for n in (TOKENIZER_CONFIG, BPE_FILE) if (directory / n).is_file()]
     config[FILES_KEY] = {name: file_record(directory / name) for name in names}
+    config[CHECKSUM_KEY] = config_checksum(config)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
@@ -121,6 +125,14 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON ({reason}); the checkpoint is damaged") from None
     if not isinstance(config, dict):
         raise UserError(f"{path} has no 'model' section; is this a picollm checkpoint?")
+    if isinstance(config.get("model"), dict):  # picollm's own layout: versioned and checksummed
+        version = config.get(FORMAT_KEY, 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise UserError(f"{path} is checkpoint format {version!r}, written by a newer picollm; this one reads "
+                            f"formats up to {FORMAT_VERSION}: upgrade picollm to load it")
+        if version >= 2 and config.get(CHECKSUM_KEY) != config_checksum(config):
+            raise UserError(f"{path} was changed after it was written (its content no longer matches its "
+                            f"{CHECKSUM_KEY}): a model field edited by hand, or damage; use another checkpoint")
     # an exported transformers directory or a GPT-2 checkpoint reads as a picollm config with a "layout"
     return picollm_view(config, path)
 
@@ -224,5 +236,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> LanguageModel:
-    """`picollm.load`: a trained model, with its tokenizer as `model.tokenizer`."""
+    """`picollm.load`: a trained model, with its tokenizer as `model.tokenizer`. `device`: cpu, cuda, cuda:N,
+    mps or auto (a UserError naming these for any other)."""
+    device = resolve_device(device)  # before anything is read: an unknown or absent device is the user's
     return load_model(resolve_checkpoint(path), device=device)

@@ -111,7 +111,8 @@ class TrainConfig:
     push_to_hub: str | None = None
 
     def validate(self) -> None:
-        check(self.optimizer in ("adamw", "adam", "sgd"), "train.optimizer", "use adamw, adam or sgd")
+        check(self.optimizer in ("adamw", "adam", "sgd"), "train.optimizer",
+              f"use adamw, adam or sgd, got {self.optimizer!r}")
         auto = isinstance(self.lr, str)
         check(not auto or self.lr == "auto", "train.lr", f"give a number or auto, got {self.lr!r}")
         check(auto or self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
@@ -126,7 +127,7 @@ class TrainConfig:
               f"got {self.full_val_at}")
         check(all(0 <= b < 1 for b in self.betas), "train.betas", "each beta must be in [0, 1)")
         check(self.schedule in ("cosine", "linear", "constant"), "train.schedule",
-              "use cosine, linear or constant")
+              f"use cosine, linear or constant, got {self.schedule!r}")
         check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
         peak = min(self.lr_grid) if auto else self.lr
         check(0 <= self.min_lr <= peak, "train.min_lr",
@@ -145,8 +146,9 @@ class TrainConfig:
         check(self.log_interval >= 1, "train.log_interval", "must be at least 1")
         check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be at least 1")
         check(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
-              "train.device", "use auto, cpu, cuda, cuda:N or mps")
-        check(self.dtype in ("auto", "fp32", "bf16", "fp16"), "train.dtype", "use auto, fp32, bf16 or fp16")
+              "train.device", f"use auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        check(self.dtype in ("auto", "fp32", "bf16", "fp16"), "train.dtype",
+              f"use auto, fp32, bf16 or fp16, got {self.dtype!r}")
         check(self.loss_chunk_tokens >= 0, "train.loss_chunk_tokens", "must be >= 0 (0 = plain loss)")
         check(self.threads is None or self.threads >= 1, "train.threads", "must be at least 1")
 

@@ -25,9 +25,9 @@ def resolve_device(name: str | torch.device | None) -> torch.device | None:
             return torch.device("cuda")
         return torch.device("mps") if _mps_available() else torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{name}': CUDA is not available here; use --device cpu")
+        raise UserError(f"device '{name}': CUDA is not available here; use --train.device cpu")
     if name == "mps" and not _mps_available():
-        raise UserError("device 'mps': MPS is not available here; use --device cpu")
+        raise UserError("device 'mps': MPS is not available here; use --train.device cpu")
     try:
         return torch.device(name)
     except RuntimeError:

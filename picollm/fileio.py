@@ -4,11 +4,15 @@ Every file picollm writes for later (checkpoints, run files, the prepared-data c
 hidden temporary sibling and a rename, so a kill at any moment leaves either the previous complete
 file or directory or the new complete one, never a half-written one. A full disk while writing is a
 `DiskFullError` (a `UserError`) that names the place and says that nothing was replaced.
+
+`check_writable_dir` and `check_writable_file` say, before any work starts, that an output path cannot
+be written (a file where a directory should be, a read-only filesystem, no permission).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +38,61 @@ def is_disk_full(exc: BaseException) -> bool:
     text = str(exc)
     return any(s in text for s in ("No space left on device", "os error 28", "Disk quota exceeded",
                                    "os error 122"))
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """{"bytes": size, "sha256": hex} of a file, read in chunks of 1 MiB."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _why_not_writable(directory: Path) -> str | None:
+    """Why files cannot be created in the existing `directory`, or None when they can."""
+    if not directory.is_dir():
+        return f"{directory} is a file, not a directory"
+    if os.access(directory, os.W_OK | os.X_OK):
+        return None
+    try:
+        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return f"{directory} is on a read-only filesystem" if read_only else f"{directory} is not writable by this user"
+
+
+def check_writable_dir(path: str | Path, what: str, fix: str = "choose another path") -> Path:
+    """UserError unless directory `path` exists and is writable, or can be created; creates nothing.
+    `what` names it for the user: a flag (`--out`) or a description (`the run directory`); `fix` says
+    what to do instead."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a directory; {fix}")
+    why = _why_not_writable(_nearest_existing(path))
+    if why is not None:
+        raise UserError(f"{what} {path} cannot be written: {why}; {fix}")
+    return path
+
+
+def check_writable_file(path: str | Path, what: str) -> Path:
+    """UserError unless file `path` can be written (created or replaced); creates nothing."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory, not a file; name a file")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{what} {path} cannot be written: the file is read-only; choose another path")
+    why = _why_not_writable(_nearest_existing(path.parent))
+    if why is not None:
+        raise UserError(f"{what} {path} cannot be written: {why}; choose another path")
+    return path
 
 
 def fsync_dir(path: Path) -> None:

@@ -98,7 +98,7 @@ def check_generation_args(strategy: str, top_p: float, top_k: int, temperature: 
         raise UserError(f"top-k must be an integer >= 1, got {top_k!r}")
     if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
         raise UserError(f"temperature must be a positive number, got {temperature!r} "
-                        "(use --strategy greedy for deterministic output)")
+                        "(greedy decoding is the deterministic choice)")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise UserError(f"max-new-tokens must be an integer >= 0, got {max_new_tokens!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:

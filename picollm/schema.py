@@ -176,14 +176,29 @@ def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
     return result
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """'line 3, column 7: expected ',' or ']' (while parsing a flow sequence from line 2)': where and what."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None and (mark is None or start.line != mark.line):
+        problem += f" ({context} from line {start.line + 1})"
+    elif context:
+        problem += f" ({context})"
+    return where + problem
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist; pass an existing YAML file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
     except RecursionError:
         raise UserError(f"config file {path} is nested too deeply to be a picollm config") from None
     if data is None:

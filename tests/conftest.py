@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -83,3 +86,37 @@ def hub_cache(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(huggingface_hub.constants)
+
+
+@pytest.fixture
+def read_only():
+    """Yields `make(directory, fill)`: runs `fill(directory)` in a new directory, then makes it read-only
+    for this process: a tmpfs mounted there and remounted read-only when running as root (whom
+    permissions do not stop), its permission bits otherwise. Skips where neither is possible."""
+    mounted: list[Path] = []
+    locked: list[Path] = []
+
+    def make(directory: Path, fill=lambda d: None) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            fill(directory)
+            for path in [directory, *directory.rglob("*")]:
+                path.chmod(path.stat().st_mode & ~0o222)
+                locked.append(path)
+            return directory
+        mount = shutil.which("mount")
+        if mount is None or subprocess.run([mount, "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(directory)],
+                                           capture_output=True).returncode != 0:
+            pytest.skip("a read-only directory needs `mount -t tmpfs` as root, or a non-root user")
+        mounted.append(directory)
+        fill(directory)
+        subprocess.run([mount, "-o", "remount,ro", str(directory)], check=True, capture_output=True)
+        return directory
+
+    try:
+        yield make
+    finally:
+        for directory in mounted:
+            subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+        for path in locked:
+            path.chmod(path.stat().st_mode | 0o200)

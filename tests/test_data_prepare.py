@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +263,107 @@ def test_cli_bad_inputs(tmp_path: Path, corpus: Path, cache_dir: Path, capsys: p
     code, out, err = _run(capsys, "--data", str(bad_utf8), "--encoding-errors", "replace", "--split", "1,0,0",
                           *cache)
     assert "1 invalid UTF-8 sequences replaced" in out
+
+
+# --- checksums, the verification stamp, format 1 ----------------------------------------------------
+
+
+def _hash_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files whose content PreparedData.open reads to hash it, from now on."""
+    from picollm.data import prepared as prepared_mod
+
+    calls: list[str] = []
+    real = prepared_mod.file_record
+    monkeypatch.setattr(prepared_mod, "file_record", lambda path: calls.append(Path(path).name) or real(path))
+    return calls
+
+
+def test_damage_that_keeps_every_size_is_caught_and_rebuilt(corpus: Path, cache_dir: Path, capsys) -> None:
+    cfg = _cfg(corpus, cache_dir)
+    data = prepare(cfg, progress=False)
+    good = (data.directory / "train.bin").read_bytes()
+    damaged = bytearray(good)
+    damaged[len(damaged) // 2] ^= 0x7F  # an id out of the vocabulary, say: same size, other content
+    (data.directory / "train.bin").write_bytes(bytes(damaged))
+    with pytest.raises(UserError, match=r"train.bin does not match the sha256 recorded in meta.json: the file is "
+                                        r"damaged; prepare the data again"):
+        PreparedData.open(data.directory)
+    capsys.readouterr()
+    rebuilt = prepare(cfg, progress=False)
+    assert "cached data is unusable" in capsys.readouterr().err and not rebuilt.cached
+    assert (rebuilt.directory / "train.bin").read_bytes() == good
+
+
+def test_content_is_hashed_once_then_trusted_until_a_file_changes(corpus: Path, cache_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    data = prepare(_cfg(corpus, cache_dir), progress=False)
+    directory = data.directory
+    files = set(json.loads((directory / "meta.json").read_text())["files"])
+    assert {"train.bin", "val.offsets.npy", "manifest.json", "tokenizer_config.json"} <= files
+    calls = _hash_calls(monkeypatch)
+    PreparedData.open(directory)
+    PreparedData.open(directory)
+    assert calls == []  # the build's own stamp vouches for every file
+    # written since (same size, same content even): read again, then trusted again
+    (directory / "val.bin").write_bytes((directory / "val.bin").read_bytes())
+    PreparedData.open(directory)
+    assert calls == ["val.bin"]
+    PreparedData.open(directory)
+    assert calls == ["val.bin"]
+    # replaced by another file with the same size and modification time: another inode, read again
+    test_bin = directory / "test.bin"
+    stat = test_bin.stat()
+    replacement = directory / "replacement"
+    replacement.write_bytes(test_bin.read_bytes())
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(replacement, test_bin)
+    PreparedData.open(directory)
+    assert calls == ["val.bin", "test.bin"]
+    # a file as new as the stamp could have changed after it in the same clock tick: read again
+    stamp_mtime = (directory / ".verified.json").stat().st_mtime_ns
+    os.utime(directory / "train.bin", ns=(stamp_mtime, stamp_mtime))
+    PreparedData.open(directory)
+    assert calls[-1] == "train.bin"
+    # a stamp that vouches for other content does not help
+    stamp = json.loads((directory / ".verified.json").read_text())
+    stamp["manifest.json"]["sha256"] = "0" * 64
+    (directory / ".verified.json").write_text(json.dumps(stamp))
+    PreparedData.open(directory)
+    assert calls[-1] == "manifest.json"
+
+
+def test_a_read_only_cache_is_read_without_writing(corpus: Path, tmp_path: Path, read_only) -> None:
+    built = prepare(_cfg(corpus, tmp_path / "built"), progress=False)
+    (built.directory / ".verified.json").unlink()
+
+    def copy_cache(directory: Path) -> None:
+        shutil.copytree(tmp_path / "built", directory, dirs_exist_ok=True)
+
+    cfg = _cfg(corpus, read_only(tmp_path / "shared", copy_cache))
+    data = prepare(cfg, progress=False)
+    assert data.cached and data.tokens("train").tolist() == built.tokens("train").tolist()
+    assert not (data.directory / ".verified.json").exists()  # verified, and nothing written
+    other = _cfg(corpus, tmp_path / "shared", seed=5)  # not in the read-only cache: it cannot be built there
+    with pytest.raises(UserError, match=r"the prepared-data cache .*shared/prepared cannot be written: "
+                                        r".*shared/prepared is (on a read-only filesystem|not writable by this "
+                                        r"user); pass another --data.cache_dir"):
+        prepare(other, progress=False)
+
+
+def test_a_format_1_cache_is_refused_and_prepare_rebuilds_it_in_place(corpus: Path, cache_dir: Path, capsys) -> None:
+    cfg = _cfg(corpus, cache_dir)
+    data = prepare(cfg, progress=False)
+    # format 1, as picollm wrote it before the checksums: the same layout, no "files", no stamp
+    meta = json.loads((data.directory / "meta.json").read_text())
+    del meta["files"]
+    meta["picollm_data_format"] = 1
+    (data.directory / "meta.json").write_text(json.dumps(meta))
+    (data.directory / ".verified.json").unlink()
+    with pytest.raises(UserError, match="holds prepared-data format 1, this picollm reads 2; prepare the data again"):
+        PreparedData.open(data.directory)
+    capsys.readouterr()
+    rebuilt = prepare(cfg, progress=False)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "format 1" in err and "rebuilding it" in err, err
+    assert rebuilt.directory == data.directory and not rebuilt.cached
+    assert json.loads((rebuilt.directory / "meta.json").read_text())["picollm_data_format"] == 2

@@ -71,7 +71,7 @@ def test_jsonl_json_and_errors(tmp_path: Path) -> None:
     stream = iter_stories(str(jsonl), text_field="story")
     assert list(stream) == STORIES
     assert stream.dropped_empty == 1
-    message = r"a\.jsonl:1: no field 'text' \(fields: story, id\); pass --text-field"
+    message = r"a\.jsonl:1: no field 'text' \(fields: story, id\); pass --data.text_field"
     with pytest.raises(UserError, match=message):
         list(iter_stories(str(jsonl)))
     bad = tmp_path / "bad.jsonl"
@@ -130,7 +130,7 @@ def test_folder_and_format_override(tmp_path: Path) -> None:
 
     odd = tmp_path / "stories.dat"
     odd.write_text("x\n\ny\n", encoding="utf-8")
-    with pytest.raises(UserError, match="--format"):
+    with pytest.raises(UserError, match="--data.format"):
         iter_stories(str(odd))
     assert list(iter_stories(str(odd), format="text")) == ["x", "y"]
     # a .txt read as tinystories although it has no separator lines: one story
@@ -144,7 +144,7 @@ def test_folder_and_format_override(tmp_path: Path) -> None:
 
 
 def test_missing_path() -> None:
-    with pytest.raises(UserError, match="does not exist.*--data PATH"):
+    with pytest.raises(UserError, match="does not exist.*--data.data PATH"):
         iter_stories("/no/such/file.txt")
 
 
@@ -153,7 +153,7 @@ def test_invalid_utf8(tmp_path: Path) -> None:
     good = b"Good story.\n<|endoftext|>\n"
     path.write_bytes(b"\xef\xbb\xbf" + good + b"Bad \xff\xfe bytes and a real \xef\xbf\xbd.\n<|endoftext|>\n")
     offset = 3 + len(good) + 4
-    message = rf"bad\.txt: invalid UTF-8 at byte offset {offset} .*--encoding-errors replace"
+    message = rf"bad\.txt: invalid UTF-8 at byte offset {offset} .*--data.encoding_errors replace"
     with pytest.raises(UserError, match=message):
         list(iter_stories(str(path)))
     stream = iter_stories(str(path), encoding_errors="replace")
@@ -187,7 +187,7 @@ def test_hf_local_dataset_through_datasets(tmp_path: Path, monkeypatch: pytest.M
     assert stream.dropped_empty == 1
     datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "saved"))
     assert list(iter_stories(f"hf:{tmp_path / 'saved'}", text_field="body", hf_split="validation")) == STORIES
-    with pytest.raises(UserError, match="no split 'train'.*--hf-split"):
+    with pytest.raises(UserError, match="no split 'train'.*--data.hf_split"):
         iter_stories(f"hf:{tmp_path / 'saved'}", text_field="body")
     with pytest.raises(UserError, match="no column 'text'.*body, n"):
         iter_stories(f"hf:{tmp_path / 'pq'}")

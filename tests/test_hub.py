@@ -13,6 +13,7 @@ import torch
 from helpers import assert_same_weights, pickle_trap
 
 import picollm
+from picollm.checkpoint import config_checksum
 from picollm.errors import UserError
 
 
@@ -33,8 +34,8 @@ def test_hub_snapshot_with_code_or_pickles_loads_only_safetensors_and_json(tmp_p
     files = {f.name: f.read_bytes() for f in (reference_run / "final").iterdir()}
     config = json.loads(files["config.json"])
     config.update(auto_map={"AutoModel": "modeling_evil.EvilModel"}, trust_remote_code=True)
+    config["config_sha256"] = config_checksum(config)  # an uploader can seal what it edits: no authenticity
     files["config.json"] = json.dumps(config).encode()
-    # hashes recorded in config.json stay valid: config.json itself is not among them
     evil = {
         "modeling_evil.py": f"open({str(markers / 'py')!r}, 'w').close()\n".encode(),
         "__init__.py": f"open({str(markers / 'init')!r}, 'w').close()\n".encode(),

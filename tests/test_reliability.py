@@ -28,7 +28,8 @@ from helpers import assert_same_weights, final_weights, logged_steps, pickle_tra
 from safetensors.torch import load_file
 
 import picollm
-from picollm.checkpoint import load_model
+from picollm import rundir
+from picollm.checkpoint import config_checksum, load_model
 from picollm.cli import main
 from picollm.errors import UserError
 from picollm.training.trainer import train
@@ -223,10 +224,13 @@ def _flip(path: Path, at: int, count: int = 16) -> None:
     path.write_bytes(bytes(data))
 
 
-def _edit_config(directory: Path, edit) -> None:
+def _edit_config(directory: Path, edit, reseal: bool = True) -> None:
+    """Edit config.json; `reseal`: with a checksum that matches the edit (what the checks behind it see)."""
     path = directory / "config.json"
     config = json.loads(path.read_text())
     edit(config)
+    if reseal:
+        config["config_sha256"] = config_checksum(config)
     path.write_text(json.dumps(config, indent=2))
 
 
@@ -256,6 +260,10 @@ BREAKAGES = {
                         ["config.json", "not valid JSON"]),
     "config not a mapping": (lambda d: (d / "config.json").write_text("[1, 2]"),
                              ["config.json", "no 'model' section"]),
+    "head count edited": (lambda d: _edit_config(d, lambda c: c["model"].update(n_heads=1), reseal=False),
+                          ["config.json", "was changed after it was written", "config_sha256"]),
+    "newer format": (lambda d: _edit_config(d, lambda c: c.update(picollm_format=3)),
+                     ["config.json", "format 3", "upgrade picollm"]),
     "unknown family": (lambda d: _edit_config(d, lambda c: c["model"].update(family="mamba")),
                        ["config.json", "unknown model family 'mamba'"]),
     "bad model field": (lambda d: _edit_config(d, lambda c: c["model"].update(n_layers="two")),
@@ -337,7 +345,8 @@ def test_prepare_rebuilds_a_damaged_cache_and_says_so(tmp_path, sample_path, cap
     code, out, err = run_cli(capsys, *args)
     assert code == 0, err
     directory = Path(json.loads(out)["directory"])
-    original = {p.name: p.read_bytes() for p in directory.iterdir() if p.name != "meta.json"}
+    kept = ("meta.json", ".verified.json")  # timings; the stamp of the files as built
+    original = {p.name: p.read_bytes() for p in directory.iterdir() if p.name not in kept}
 
     def truncate(path: Path) -> None:
         path.write_bytes(path.read_bytes()[:-3])
@@ -354,7 +363,7 @@ def test_prepare_rebuilds_a_damaged_cache_and_says_so(tmp_path, sample_path, cap
         assert f"cached data is unusable ({directory / name}" in err and word in err and "rebuilding" in err, err
         info = json.loads(out)
         assert not info["cached"] and Path(info["directory"]) == directory
-        assert {p.name: p.read_bytes() for p in directory.iterdir() if p.name != "meta.json"} == original
+        assert {p.name: p.read_bytes() for p in directory.iterdir() if p.name not in kept} == original
         code, out, err = run_cli(capsys, *args)
         assert code == 0 and json.loads(out)["cached"] and err == ""
 
@@ -428,6 +437,14 @@ def test_divergence_stops_with_a_message_naming_the_last_good_checkpoint(tmp_pat
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [last_good.name]
     model = load_model(last_good)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # the advice is a command that runs: from the last good checkpoint, at a lower rate (here, the fault gone)
+    command = re.search(r"`(picollm train [^`]*)`", lines[0]).group(1)
+    assert command == f"picollm train --resume {out} --allow-recipe-change --train.lr 0.001", command
+    monkeypatch.setattr(step_module, "model_loss", real)
+    code, _, err = run_cli(capsys, *command.split()[1:], "--no-progress")
+    assert code == 0, err
+    assert rundir.read_history(out)[-1]["changes"] == {"train.lr": [0.003, 0.001]}
+    monkeypatch.setattr(step_module, "model_loss", poisoned)
     # with no checkpoint before the divergence, the message says so rather than pointing at nothing
     calls["n"] = 0
     code, _, err = run_cli(capsys, "train", "--config", str(config_file), "--no-progress", "--fresh",
@@ -659,8 +676,8 @@ def test_loading_and_resuming_never_unpickle(tmp_path, reference_run, data_secti
     _block_unpickling(monkeypatch)
     model = picollm.load(str(reference_run))
     assert model.tokenizer is not None
-    config = run_config(data_section, run, max_steps=13)
-    assert train(config, progress=False).summary["steps"] == 13
+    config = run_config(data_section, run, max_steps=13)  # one step more: a recipe change, allowed
+    assert train(config, progress=False, allow_recipe_change=True).summary["steps"] == 13
 
 
 # --- full disk -----------------------------------------------------------------------------------
@@ -769,7 +786,7 @@ def test_full_data_cache_is_a_clear_error(tmp_path, sample_path, monkeypatch, ca
         code, out, err = run_cli(capsys, "prepare", "--data", str(sample_path), "--num-stories", "300",
                                  "--tokenizer", "bpe:300", "--num-proc", "1", "--cache-dir", str(cache))
         assert_one_line_error(code, err, "prepare", "no space left on device", str(cache))
-        assert not [p for p in (cache / "prepared").iterdir() if p.is_dir()]
+        assert not (cache / "prepared").exists()  # the failed first build left no empty cache behind
     finally:
         if mounted:
             _unmount(cache)

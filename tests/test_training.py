@@ -21,7 +21,10 @@ from safetensors.torch import load_file
 import picollm
 from picollm.config import RunConfig, from_dict, load_run_config
 from picollm.device import resolve_dtype
+from picollm.errors import UserError
 from picollm.evaluation import evaluate
+from picollm.models.sizing import build_on_meta, count_parameters
+from picollm.training import footprint
 from picollm.training import step as step_module
 from picollm.training import trainer as trainer_module
 from picollm.training.schedule import lr_at
@@ -339,6 +342,45 @@ def test_dry_run_reports_parameters_tokens_flops_and_time(tmp_path, data_section
     assert report["est_seconds"] > 0 and report["num_parameters"] > report["num_parameters_non_embedding"]
     assert report["dtype"] == resolve_dtype("auto", "cpu")
     assert not (tmp_path / "dry").exists()
+
+
+WIDE = {"family": "transformer", "d_model": 16384, "n_heads": 128, "n_layers": 48, "context_length": 32}
+
+
+def test_dry_run_sizes_a_model_too_large_for_memory_without_building_it(tmp_path, data_section, monkeypatch):
+    """155B parameters: the sizes and FLOPs come from the meta device, and no step is measured."""
+    monkeypatch.setattr(trainer_module, "set_up", lambda *a, **k: pytest.fail("the dry run built the model"))
+    monkeypatch.setattr(footprint, "available_bytes", lambda device: 64 * 2**30)
+    cfg = from_dict(RunConfig, plain_config(data_section, tmp_path / "dry", model=WIDE))
+    report = trainer_module.dry_run(cfg)
+    assert report["num_parameters"] == count_parameters({**WIDE, "vocab_size": 512}) > 150e9
+    assert report["flops"] == report["flops_per_token"] * report["tokens"] > 0
+    assert report["step_seconds"] is None and report["est_seconds"] is None
+    assert report["not_measured"].startswith("a step needs about 2,") and "64.0 GiB available on cpu" in \
+        report["not_measured"]
+    assert report["memory_available"] == "64.0 GiB"
+
+
+def test_a_run_whose_weights_cannot_fit_is_refused_before_they_are_allocated(tmp_path, data_section):
+    cfg = plain_config(data_section, tmp_path / "wide", model=WIDE)
+    with pytest.raises(UserError, match=r"parameters need .* GiB for their weights, gradients and adamw state alone"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "wide").exists()
+
+
+def test_the_activation_estimate_grows_with_the_batch_and_context():
+    model = build_on_meta({**TINY_MODEL, "vocab_size": 512})
+    one, two = (footprint.activation_bytes(model, b, 32, 4096) for b in (4, 8))
+    assert 1.8 * one < two < 2 * one  # the weights a matmul saves do not grow with the batch
+    longer = build_on_meta({**TINY_MODEL, "vocab_size": 512, "context_length": 64})
+    assert footprint.activation_bytes(longer, 4, 64, 4096) > 2 * one  # attention grows faster than T
+
+
+def test_a_batch_larger_than_the_data_is_refused_not_cut(tmp_path, data_section):
+    cfg = plain_config(data_section, tmp_path / "big", batch_size=100_000)
+    with pytest.raises(UserError, match=r"train.batch_size 100000 is more than the [0-9,]+ windows of "
+                                        r"model.context_length 32 tokens in the training split"):
+        train(cfg, progress=False)
 
 
 def test_progress_off_a_terminal_is_a_few_plain_lines(tmp_path, data_section, capsys):

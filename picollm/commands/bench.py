@@ -93,8 +93,13 @@ def run(args: argparse.Namespace) -> int:
 
     from picollm.bench.markdown import markdown
     from picollm.bench.suite import run_bench
+    from picollm.errors import UserError
+    from picollm.fileio import check_writable_file
 
     opts = options_from_args(args)
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path is not None:
+            check_writable_file(path, flag)
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda: CUDA is not available here")

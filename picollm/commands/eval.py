@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="evaluate on this file instead (any format prepare reads)")
     parser.add_argument("--text-field", default="text", help="the text column/key of --data (jsonl, parquet)")
     parser.add_argument("--format", default=None, help="format of --data; default: from its extension")
+    parser.add_argument("--encoding-errors", default="strict", choices=("strict", "replace"),
+                        help="invalid UTF-8 in --data: fail (strict, default) or replace with U+FFFD")
     parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
     parser.add_argument("--max-windows", type=int, default=None,
                         help="evaluate only the first N windows (bytes scaled to match)")
@@ -94,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(resolve_checkpoint(args.model), device=device)
     tokenizer = getattr(model, "tokenizer", None)
     if args.data is not None:
-        tokens, num_bytes, offsets = stream_from_file(args.data, tokenizer, args.text_field, args.format)
+        tokens, num_bytes, offsets = stream_from_file(args.data, tokenizer, args.text_field, args.format,
+                                                     args.encoding_errors)
         source = str(args.data)
     else:
         prepared = prepared_for_run(run_dir, progress=True)

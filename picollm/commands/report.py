@@ -14,10 +14,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
+    from picollm.fileio import check_writable_dir
     from picollm.study.report import REPORT_DIR, write_report
     from picollm.study.results import load_results
 
     directory = Path(args.directory)
-    index = write_report(load_results(directory), Path(args.out) if args.out else directory / REPORT_DIR)
+    if args.out:
+        out = check_writable_dir(args.out, "--out")
+    else:
+        out = check_writable_dir(directory / REPORT_DIR, "the report directory", "pass another with --out")
+    index = write_report(load_results(directory), out)
     print(f"report: {index} (and {index.with_name('report.md')})", file=sys.stderr)
     return 0

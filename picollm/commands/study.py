@@ -55,21 +55,31 @@ def parse_grid(items: list[str]) -> dict[str, list]:
 
 def run(args: argparse.Namespace) -> int:
     from picollm.commands.train import parse_overrides
+    from picollm.fileio import check_writable_dir
     from picollm.study.dryrun import dry_run_rows, format_dry_run
     from picollm.study.plan import add_baselines, plan_study, write_study_json
     from picollm.study.report import build_study_report
     from picollm.study.runner import default_jobs, run_plan
     from picollm.study.spec import load_study
 
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
     spec = load_study(args.study)
+    grid = parse_grid(args.grid)
+    used = sorted({key for group in spec.groups.values() for block in group.runs for key in block.grid})
+    unused = [key for key in grid if key not in used]
+    if unused:
+        raise UserError(f"--grid {unused[0]}: no group of the study has a grid over it, so it would change nothing; "
+                        f"the study's grids are over: {', '.join(used) or 'nothing'}")
     budget = args.budget or spec.default_budget
     overrides = parse_overrides(getattr(args, "overrides", []) or [])
     if args.data:
         overrides["data.data"] = args.data
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     out = args.out or f"runs/study-{budget}"
+    check_writable_dir(out, "--out" if args.out else "the study directory", "pass another with --out")
     plan = plan_study(spec, out, budget=budget, seeds=args.seeds, only=only, overrides=overrides,
-                      grid=parse_grid(args.grid), extend={"size": ["base"]} if args.with_base else None,
+                      grid=grid, extend={"size": ["base"]} if args.with_base else None,
                       progress=not args.no_progress, tune=False if args.no_tune else None)
     jobs = args.jobs if args.jobs is not None else default_jobs()
     n_uses = sum(len(e["runs"]) for g in plan.groups for e in g["entries"])

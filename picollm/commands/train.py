@@ -15,9 +15,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="model preset FAMILY-SIZE, e.g. transformer-pico (see `picollm models`)")
     parser.add_argument("--out", help="run directory (default: runs/<preset or family>)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    parser.add_argument("--from-step", type=int, metavar="N",
+                        help="with --resume: continue from the checkpoint at step N; later checkpoints and metrics "
+                             "rows are moved to RUN_DIR/discarded/, not deleted")
+    parser.add_argument("--allow-recipe-change", action="store_true",
+                        help="continue an interrupted run under a changed recipe (lr, schedule, batch, budget, "
+                             "data); the change is recorded in the run's history.jsonl")
     parser.add_argument("--dry-run", action="store_true",
                         help="print parameters, tokens, FLOPs and estimated time; train nothing")
-    parser.add_argument("--fresh", action="store_true", help="start over even if --out holds checkpoints")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over even if the run directory holds checkpoints (with --resume: from its config)")
     parser.add_argument("--data", help="shortcut for --data.data (hf:NAME or a local file/folder)")
     parser.add_argument("--tokenizer", help="shortcut for --data.tokenizer (gpt2 or bpe:N)")
     parser.add_argument("--device", help="shortcut for --train.device (auto|cpu|cuda|mps)")
@@ -70,12 +77,21 @@ def run(args: argparse.Namespace) -> int:
     if args.wandb:
         overrides.setdefault("train.wandb", True)
 
+    from picollm.training import lr_search
     from picollm.training.trainer import dry_run, resume_run, train
 
+    if args.from_step is not None and not args.resume:
+        raise UserError("--from-step N goes with --resume RUN_DIR (the run to continue from its step N)")
+    if args.fresh and (args.from_step is not None or args.allow_recipe_change):
+        raise UserError("--fresh starts over: it does not go with --from-step or --allow-recipe-change")
     if args.resume:
         if args.config or args.preset:
             raise UserError("--resume continues a run from its own config.yaml; drop --config/--preset")
-        result = resume_run(args.resume, progress=not args.no_progress, overrides=overrides)
+        if args.dry_run:
+            raise UserError("--dry-run estimates a new run: use it with --config or --preset, not --resume")
+        result = resume_run(args.resume, progress=not args.no_progress, overrides=overrides,
+                            allow_recipe_change=args.allow_recipe_change, from_step=args.from_step,
+                            fresh=args.fresh)
     else:
         if args.config is None and args.preset is None and "model.family" not in overrides:
             raise UserError("say what to train: --preset transformer-pico, --config FILE.yaml or --model.family NAME")
@@ -86,21 +102,23 @@ def run(args: argparse.Namespace) -> int:
             overrides["out"] = f"runs/{name}"
         config = load_run_config(args.config, overrides, preset=args.preset)
         if args.dry_run:
-            from picollm.training import lr_search
-
             report = dry_run(lr_search.timing_config(config))
             if config.train.lr == "auto":  # the sweep: a run per grid rate at lr_sweep_fraction of the steps
                 runs = len(config.train.lr_grid)
                 report["lr_sweep_runs"] = (f"{runs} (+1 if the best rate is at an edge of train.lr_grid; the "
                                            "grid again twice as long if no rate trains)")
-                report["lr_sweep_est_seconds"] = runs * config.train.lr_sweep_fraction * report["est_seconds"]
+                if report["est_seconds"] is not None:
+                    report["lr_sweep_est_seconds"] = runs * config.train.lr_sweep_fraction * report["est_seconds"]
             if args.json:
                 print(json.dumps(report))
             else:
                 for key, value in report.items():
+                    if value is None:
+                        continue  # not measured: `not_measured` says why
                     print(f"{key:>30}: {value:,.4g}" if isinstance(value, float) else f"{key:>30}: {value}")
             return 0
-        result = train(config, resume=not args.fresh, progress=not args.no_progress)
+        result = train(config, resume=not args.fresh, progress=not args.no_progress,
+                       allow_recipe_change=args.allow_recipe_change)
     if args.json:
         print(json.dumps({"directory": str(result.directory), **result.summary}))
     else:

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 from picollm.errors import UserError
 
-NO_NETWORK_FIX = "pass a local file or folder with --data PATH (e.g. TinyStories-train.txt)"
+NO_NETWORK_FIX = "pass a local file or folder with --data.data PATH (e.g. TinyStories-train.txt)"
 
 
 def one_line(exc: BaseException) -> str:
@@ -61,7 +61,7 @@ def load_hf_dataset(name: str, split: str) -> Any:
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise UserError(f"{local} has no split '{split}' (splits: {', '.join(ds)}); "
-                                "pass --hf-split NAME")
+                                "pass --data.hf_split NAME")
             ds = ds[split]
         return ds
     offline = _env_offline() or (not local.exists() and not _hub_reachable())
@@ -76,6 +76,6 @@ def load_hf_dataset(name: str, split: str) -> Any:
             raise UserError(f"cannot load hf:{name}: no network access and it is not in the local "
                             f"Hugging Face cache ({one_line(exc)}); {NO_NETWORK_FIX}") from None
         raise UserError(f"cannot load hf:{name} split '{split}' ({type(exc).__name__}: {one_line(exc)}); "
-                        f"check the name and --hf-split, or {NO_NETWORK_FIX}") from None
+                        f"check the name and --data.hf_split, or {NO_NETWORK_FIX}") from None
     finally:
         datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved

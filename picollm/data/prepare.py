@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -30,11 +31,21 @@ from picollm._version import __version__
 from picollm.config import DataConfig, to_dict
 from picollm.data.loader import seeded_permutation
 from picollm.data.packing import num_workers, tokenize_chunk, worker_pool, worker_tokenize
-from picollm.data.prepared import FORMAT_VERSION, MANIFEST_FILE, META_FILE, SPLITS, PreparedData, token_dtype
+from picollm.data.prepared import (
+    FILES_KEY,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    META_FILE,
+    SPLITS,
+    PreparedData,
+    stat_key,
+    token_dtype,
+    write_stamp,
+)
 from picollm.data.sources import iter_stories, source_identity
 from picollm.data.tokenizer import Tokenizer, get_tokenizer, parse_spec, train_bpe
 from picollm.errors import UserError
-from picollm.fileio import DiskFullError, write_dir_atomic
+from picollm.fileio import DiskFullError, check_writable_dir, file_record, write_dir_atomic
 
 try:
     import fcntl
@@ -46,6 +57,9 @@ BYTES_COUNTED = ("UTF-8 bytes of each story's text (surrounding whitespace strip
 CHUNK_BYTES = 1 << 20  # story text per tokenization task
 CONTENT_HASH = ("sha256 over the split's stories in order, each as its UTF-8 byte length "
                 "(8 bytes, little-endian) followed by its UTF-8 bytes")
+# The version of what `cache_key` hashes: bumped when the same inputs would build different data. A new
+# format of the same data (FORMAT_VERSION) keeps the key, so an old directory is rebuilt in place.
+CACHE_KEY_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,7 +70,7 @@ def cache_key(cfg: DataConfig) -> tuple[str, dict[str, Any]]:
     """(hex key, the inputs it hashes): everything that changes the prepared data, nothing else."""
     kind, _ = parse_spec(cfg.tokenizer)
     inputs: dict[str, Any] = {
-        "picollm_data_format": FORMAT_VERSION,
+        "picollm_data_format": CACHE_KEY_VERSION,
         "source": source_identity(cfg.data, cfg.format, cfg.hf_split),
         "text_field": cfg.text_field,
         "format": cfg.format,
@@ -86,21 +100,22 @@ def _slug(cfg: DataConfig) -> str:
 
 
 @contextlib.contextmanager
-def _locked(path: Path, report: _Progress) -> Iterator[None]:
-    """An exclusive lock on `path` (so ranks preparing the same data build it once)."""
+def _locked(directory: Path, report: _Progress) -> Iterator[None]:
+    """An exclusive lock on the cache `directory` itself (so that ranks preparing the same data build it once,
+    and no lock file is left behind)."""
     if fcntl is None:
         yield
         return
-    with open(path, "a+b") as handle:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            report.line(f"waiting for another prepare of the same data to finish ({path} is locked)")
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            report.line(f"waiting for another prepare in {directory} to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def prepare(cfg: DataConfig, progress: bool = True) -> PreparedData:
@@ -109,9 +124,31 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PreparedData:
     parse_spec(cfg.tokenizer)
     final = cache_path(cfg)
     root = final.parent
+    fix = "pass another --data.cache_dir"
+    if final.is_dir() and not os.access(root, os.W_OK):
+        # a shared cache this process cannot write: its data is used as it is, without the builders' lock
+        try:
+            data = PreparedData.open(final)
+            data.cached = True
+            return data
+        except UserError as exc:
+            raise UserError(f"{exc} (the cache {root} is not writable, so it cannot be rebuilt here; {fix})") \
+                from None
+    check_writable_dir(root, "the prepared-data cache", fix)
+    created = [p for p in (root, *root.parents) if not p.exists()]
     root.mkdir(parents=True, exist_ok=True)
-    report = _Progress(progress)
-    with _locked(root / f".{final.name}.lock", report):
+    try:
+        return _open_or_build(cfg, final, _Progress(progress))
+    except BaseException:
+        for directory in created:  # deepest first: a failed first build leaves no empty cache behind
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
+def _open_or_build(cfg: DataConfig, final: Path, report: _Progress) -> PreparedData:
+    root = final.parent
+    with _locked(root, report):
         if final.exists():
             try:
                 data = PreparedData.open(final)
@@ -130,7 +167,7 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PreparedData:
         try:
             write_dir_atomic(final, build)
         except DiskFullError as exc:
-            raise DiskFullError(f"{exc}; free some space or pass another --cache-dir") from None
+            raise DiskFullError(f"{exc}; free some space or pass another --data.cache_dir") from None
     return PreparedData.open(final)
 
 
@@ -240,7 +277,7 @@ def _build(cfg: DataConfig, out: Path, report: _Progress) -> dict[str, Any]:
         raise UserError(f"{source} holds no stories ({counted.dropped_empty} empty or whitespace-only "
                         "dropped); pass a file or folder with text")
     if cfg.num_stories is not None and cfg.num_stories > num_source:
-        raise UserError(f"--num-stories {cfg.num_stories:,} asks for more stories than {source} has "
+        raise UserError(f"--data.num_stories {cfg.num_stories:,} asks for more stories than {source} has "
                         f"({num_source:,}); lower it or leave it out to use all")
     assign = assign_splits(num_source, cfg.num_stories, cfg.split, cfg.seed)
     order = seeded_permutation(num_source, cfg.seed, 0)
@@ -374,8 +411,11 @@ def _build(cfg: DataConfig, out: Path, report: _Progress) -> dict[str, Any]:
         "megabytes_per_second": round(sum(nbytes) / 1e6 / max(seconds, 1e-9), 3),
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest) + "\n", encoding="utf-8")
+    records = {f.name: file_record(f) for f in sorted(out.iterdir()) if f.is_file()}
+    meta[FILES_KEY] = records
     # meta.json last: a directory without it is never mistaken for a finished one
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    write_stamp(out, {name: {**stat_key(out / name), "sha256": r["sha256"]} for name, r in records.items()})
     return meta
 
 

@@ -7,11 +7,18 @@ Layout of a prepared directory (`<cache_dir>/prepared/<name>-<key>/`):
 - `{train,val,test}.offsets.npy`: int64 index of each story's first token (its leading eot).
 - `manifest.json`: per split, the story indices (position among the source's non-empty stories) and
   a sha256 of the story texts.
-- `meta.json`: source, sample, seed, tokenizer, counts, bytes, bytes per token, throughput.
+- `meta.json`: source, sample, seed, tokenizer, counts, bytes, bytes per token, throughput, and the
+  size and sha256 of every other file (`files`).
 - the tokenizer files (`tokenizer_config.json`, plus `tokenizer.json` for bpe:N).
+- `.verified.json`: the stamp of the last verification (below); not part of the data.
 
-Every file size is checked against `meta.json` when the directory is opened, so a damaged cache is
-named instead of used.
+Opening the directory checks every file against `meta.json`: its size always, its sha256 once. A file
+whose content was checked is then trusted while its size, modification time and inode are those the
+stamp recorded and it is older than the stamp (a file written in the same clock tick as the stamp is
+checked again, as git does with its index), so a full-size cache is not re-read by every process that
+opens it, while a file written or replaced since is caught. A damaged cache is named instead of used.
+
+Format 2 added the checksums; a format-1 directory is refused (and `prepare` rebuilds it in place).
 """
 
 from __future__ import annotations
@@ -25,11 +32,14 @@ import numpy as np
 
 from picollm.data.tokenizer import Tokenizer, load_tokenizer
 from picollm.errors import UserError
+from picollm.fileio import file_record, write_json_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
+FILES_KEY = "files"  # in meta.json: {file name: {"bytes": size, "sha256": hex}}
+STAMP_FILE = ".verified.json"  # {file name: {"bytes", "mtime_ns", "inode", "sha256"}} as last verified
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -65,6 +75,7 @@ class PreparedData:
                             f"{FORMAT_VERSION}; prepare the data again")
         if not (directory / MANIFEST_FILE).is_file():
             raise UserError(f"{directory / MANIFEST_FILE} is missing; prepare the data again")
+        verify_files(directory, meta.get(FILES_KEY), meta_path)
         data = cls(directory, meta, load_tokenizer(directory))
         if data.tokenizer.name != meta.get("tokenizer") or data.tokenizer.eot_id != meta.get("eot_id"):
             raise UserError(f"{directory}: the tokenizer files do not match {META_FILE}; "
@@ -74,9 +85,11 @@ class PreparedData:
                 raise UserError(f"{meta_path} has no '{split}' split; prepare the data again")
             path = directory / f"{split}.bin"
             expected = splits[split]["tokens"] * dtype.itemsize
-            size = path.stat().st_size if path.is_file() else None
+            if not path.is_file():
+                raise UserError(f"{path} is missing; prepare the data again")
+            size = path.stat().st_size
             if size != expected:
-                raise UserError(f"{path} holds {size} bytes, {META_FILE} expects {expected}; "
+                raise UserError(f"{path} holds {size:,} bytes, {META_FILE} expects {expected:,}; "
                                 "the file is truncated or damaged: prepare the data again")
             offsets = data.story_offsets(split)
             n = splits[split]["stories"]
@@ -125,3 +138,56 @@ class PreparedData:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         return self.meta["splits"][split]
+
+
+def stat_key(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def _read_stamp(directory: Path) -> tuple[dict[str, Any], int]:
+    """The stamp's entries and its own modification time (0 when there is none)."""
+    path = directory / STAMP_FILE
+    try:
+        stamp = json.loads(path.read_text(encoding="utf-8"))
+        return (stamp if isinstance(stamp, dict) else {}), path.stat().st_mtime_ns
+    except (OSError, ValueError):
+        return {}, 0
+
+
+def write_stamp(directory: Path, entries: dict[str, Any]) -> None:
+    """Record `entries` (file name -> its stat key and sha256, as just verified) as trusted."""
+    try:
+        write_json_atomic(directory / STAMP_FILE, entries)
+        (directory / STAMP_FILE).chmod(0o644)  # a cache shared between users: any reader may trust it
+    except OSError:
+        pass  # a read-only cache: every open verifies again, which is only slower
+
+
+def verify_files(directory: Path, records: Any, recorded_in: Path) -> None:
+    """UserError unless every file of `records` has its recorded size and sha256. Content is hashed only
+    for files the stamp does not vouch for; the stamp is updated when any was."""
+    if not isinstance(records, dict):
+        raise UserError(f"{recorded_in} lists no file checksums ('{FILES_KEY}'); prepare the data again")
+    stamp, stamped_at = _read_stamp(directory)
+    trusted: dict[str, Any] = {}
+    hashed = False
+    for name, record in records.items():
+        path = directory / name
+        if not isinstance(record, dict) or "/" in name or not path.is_file():
+            raise UserError(f"{path} is missing or not a file; {recorded_in.name} lists it: prepare the data again")
+        key = stat_key(path)
+        if key["bytes"] != record.get("bytes"):
+            raise UserError(f"{path} holds {key['bytes']:,} bytes, {recorded_in.name} records {record.get('bytes')}: "
+                            "the file is truncated or damaged; prepare the data again")
+        known = stamp.get(name)
+        if known == {**key, "sha256": record.get("sha256")} and key["mtime_ns"] < stamped_at:
+            trusted[name] = known
+            continue
+        hashed = True
+        if file_record(path)["sha256"] != record.get("sha256"):
+            raise UserError(f"{path} does not match the sha256 recorded in {recorded_in.name}: the file is damaged; "
+                            "prepare the data again")
+        trusted[name] = {**key, "sha256": record["sha256"]}
+    if hashed:
+        write_stamp(directory, trusted)

@@ -111,7 +111,7 @@ class StoryStream(Iterator[str]):
             if self.encoding_errors == "strict":
                 raise UserError(
                     f"{path}: invalid UTF-8 at byte offset {offset + exc.start} ({exc.reason}); fix the file "
-                    "or pass --encoding-errors replace to replace bad bytes with U+FFFD") from None
+                    "or pass --data.encoding_errors replace to replace bad bytes with U+FFFD") from None
         text = data.decode("utf-8", errors="replace")
         self.replacements += text.count("\ufffd") - data.count("\ufffd".encode())
         return text
@@ -217,7 +217,7 @@ class StoryStream(Iterator[str]):
         names = pf.schema_arrow.names
         if self.text_field not in names:
             raise UserError(f"{path} has no column '{self.text_field}' (columns: {', '.join(names)}); "
-                            "pass --text-field NAME")
+                            "pass --data.text_field NAME")
         for batch in pf.iter_batches(batch_size=4096, columns=[self.text_field]):
             for i, value in enumerate(batch.column(0).to_pylist()):
                 if isinstance(value, bytes):
@@ -231,7 +231,7 @@ class StoryStream(Iterator[str]):
         if self.text_field not in record:
             fields = ", ".join(list(record)[:10]) or "none"
             raise UserError(f"{where}: no field '{self.text_field}' (fields: {fields}); "
-                            "pass --text-field NAME")
+                            "pass --data.text_field NAME")
         return self._check_text(record[self.text_field], where)
 
     def _check_text(self, value: Any, where: str) -> str | None:
@@ -240,7 +240,7 @@ class StoryStream(Iterator[str]):
         if value is None or isinstance(value, str):
             return value
         raise UserError(f"{where}: field '{self.text_field}' holds {type(value).__name__}, not text; "
-                        "pass --text-field NAME for the text field")
+                        "pass --data.text_field NAME for the text field")
 
     def _unpaired_surrogates(self, value: str, where: str) -> str:
         """A JSON `\\ud800` escape without its pair decodes to a lone surrogate: not valid Unicode (it
@@ -250,7 +250,7 @@ class StoryStream(Iterator[str]):
             assert match is not None
             raise UserError(f"{where}: the text holds an unpaired surrogate \\u{ord(match.group()):04x} at "
                             f"character {match.start()}, which is not valid Unicode; fix the file or pass "
-                            "--encoding-errors replace to replace it with U+FFFD")
+                            "--data.encoding_errors replace to replace it with U+FFFD")
         fixed, count = _SURROGATE.subn("\ufffd", value)
         self.replacements += count
         return fixed
@@ -261,7 +261,7 @@ class StoryStream(Iterator[str]):
         ds = load_hf_dataset(name, self.hf_split)
         if self.text_field not in ds.column_names:
             raise UserError(f"hf:{name} (split {self.hf_split}) has no column '{self.text_field}' "
-                            f"(columns: {', '.join(ds.column_names)}); pass --text-field NAME")
+                            f"(columns: {', '.join(ds.column_names)}); pass --data.text_field NAME")
         return self._hf_rows(ds.select_columns([self.text_field]), f"hf:{name}")
 
     def _hf_rows(self, ds: Any, where: str) -> Iterator[str | None]:
@@ -295,7 +295,7 @@ def local_files(source: str, format: str | None = None) -> list[tuple[Path, str]
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"data path {source} does not exist; pass an existing file or folder with "
-                        "--data PATH (or hf:NAME for a Hugging Face dataset)")
+                        "--data.data PATH (or hf:NAME for a Hugging Face dataset)")
     if path.is_file():
         return [(path, format or _format_of(path, strict=True))]
     if not path.is_dir():
@@ -319,7 +319,7 @@ def local_files(source: str, format: str | None = None) -> list[tuple[Path, str]
 def _format_of(path: Path, strict: bool) -> str:
     fmt = EXTENSIONS.get(path.suffix.lower(), "")
     if not fmt and strict:
-        raise UserError(f"cannot tell the format of {path} from its extension; pass --format "
+        raise UserError(f"cannot tell the format of {path} from its extension; pass --data.format "
                         f"{'|'.join(FORMATS)}")
     return fmt
 

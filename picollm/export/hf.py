@@ -67,6 +67,8 @@ def find_source(path: str | Path) -> Source:
         run = rundir.find_run_dir(given)
         return Source(given, run, run is not None and given == run / rundir.FINAL)
     if (given / rundir.CONFIG).is_file():
+        if (given / rundir.FINAL).exists():  # a damaged final/ is named, never replaced by best/
+            return Source(rundir.model_dir(given), given, True)
         if not (given / rundir.FINAL / CONFIG_FILE).is_file():
             raise UserError(f"{given} has no finished checkpoint ({given / rundir.FINAL} is missing): finish the run "
                             f"with `picollm train --resume {given}`, or export one of its checkpoints, "

@@ -75,10 +75,15 @@ class _SkipInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def build_on_meta(spec: dict[str, Any]) -> Any:
+    """The model `{"family": ..., **fields}` on the meta device: every shape, no memory, no arithmetic."""
+    with torch.device("meta"), _SkipInit():
+        return build_model(spec)
+
+
 @lru_cache(maxsize=4096)
 def _counts(frozen: tuple, config_cls: type, model_cls: type) -> tuple[int, int]:
-    with torch.device("meta"), _SkipInit():
-        model = build_model(dict(frozen))
+    model = build_on_meta(dict(frozen))
     return model.num_parameters(), model.num_parameters(non_embedding=True)
 
 

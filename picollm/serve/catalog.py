@@ -76,10 +76,9 @@ class Catalog:
 
 def run_checkpoint(run_dir: Path) -> Path:
     """final/ of a run, else best/ (a run still training); never a periodic checkpoint, which the
-    trainer deletes as it goes."""
-    for name in (rundir.FINAL, rundir.BEST):
-        if (run_dir / name / rundir.MODEL_CONFIG).is_file():
-            return run_dir / name
+    trainer deletes as it goes. A damaged final/ or best/ is named, never silently replaced."""
+    if (run_dir / rundir.FINAL).exists() or (run_dir / rundir.BEST).exists():
+        return rundir.model_dir(run_dir)
     raise UserError(f"run {run_dir} has no final/ or best/ checkpoint yet; serve it once its first evaluation "
                     "has written best/")
 

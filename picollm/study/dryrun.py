@@ -44,8 +44,11 @@ def _eval_tokens(cfg: RunConfig, steps: int, split_tokens: dict[str, int], sweep
     return periodic * subset + full_points * split_tokens["val"] + final
 
 
-def job_seconds(cfg: RunConfig, steps: int, step_seconds: float, split_tokens: dict[str, int],
-                sweep: bool) -> float:
+def job_seconds(cfg: RunConfig, steps: int, step_seconds: float | None, split_tokens: dict[str, int],
+                sweep: bool) -> float | None:
+    """None where the step was not measured (the model does not clearly fit in this machine's memory)."""
+    if step_seconds is None:
+        return None
     t = cfg.train
     tokens_per_step = t.batch_size * t.grad_accum * int(cfg.model["context_length"])
     per_token = step_seconds / tokens_per_step
@@ -116,8 +119,8 @@ def simulate(rows: list[dict[str, Any]], jobs: int) -> float:
 
     def priority(r: dict[str, Any]) -> float:
         if r["kind"] == "sweep":
-            return r["est_seconds"] + max((w["est_seconds"] for w in waiting.get(r["sweep"], [])), default=0.0)
-        return r["est_seconds"]
+            return seconds(r) + max((seconds(w) for w in waiting.get(r["sweep"], [])), default=0.0)
+        return seconds(r)
 
     ready = [r for r in todo if r["kind"] == "sweep" or not r.get("sweep") or not left.get(r["sweep"])]
     running: list[tuple[float, int, dict[str, Any]]] = []
@@ -127,7 +130,7 @@ def simulate(rows: list[dict[str, Any]], jobs: int) -> float:
             ready.sort(key=priority)
             job = ready.pop()
             counter += 1
-            heapq.heappush(running, (now + job["est_seconds"], counter, job))
+            heapq.heappush(running, (now + seconds(job), counter, job))
         now, _, job = heapq.heappop(running)
         if job["kind"] == "sweep" and job["sweep"] in left:
             left[job["sweep"]] -= 1
@@ -141,15 +144,17 @@ def format_dry_run(rows: list[dict[str, Any]], jobs: int = 1) -> str:
            f"{'FLOPs':>9s} {'tok/s':>8s} {'est.':>8s}  status"
     lines = [head, "-" * len(head)]
     for r in rows:
+        speed = (f"{r['tokens_per_s']:>8,.0f} {duration(r['est_seconds']):>8s}" if r["est_seconds"] is not None
+                 else f"{'n/a':>8s} {'n/a':>8s}")  # not measured: too large for this machine's memory
         lines.append(f"{r['run'][:40]:40s} {r['seed']:>4} {','.join(r['groups'])[:22]:22s} {r['num_parameters']:>10,} "
                      f"{r['num_parameters_non_embedding']:>10,} {r['tokens']:>11,} {r['flops']:>9.2e} "
-                     f"{r['tokens_per_s']:>8,.0f} {duration(r['est_seconds']):>8s}  "
-                     f"{'finished' if r['finished'] else 'to train'}")
+                     f"{speed}  {'finished' if r['finished'] else 'to train'}")
     lines.append("-" * len(head))
     runs = [r for r in rows if r["kind"] == "run"]
     sweeps = [r for r in rows if r["kind"] == "sweep"]
     todo = [r for r in rows if not r["finished"]]
-    total = sum(r["est_seconds"] for r in todo)
+    total = sum(seconds(r) for r in todo)
+    unmeasured = sum(1 for r in todo if r["est_seconds"] is None)
     seeds = sorted({r["seed"] for r in runs})
     models = len({r["sweep"] for r in sweeps})
     sweep_text = (f", {len(sweeps)} lr sweep runs ({models} models x {len(sweeps) // max(1, models)} rates; not "
@@ -158,8 +163,15 @@ def format_dry_run(rows: list[dict[str, Any]], jobs: int = 1) -> str:
     lines.append(f"{len(runs)} distinct runs ({len(seeds)} seed(s): {', '.join(map(str, seeds))}){sweep_text}; "
                  f"{len(rows) - len(todo)} finished, {len(todo)} to run: {duration(total)} of work"
                  + (f", about {duration(simulate(rows, jobs))} with {jobs} at a time" if jobs > 1 else "")
-                 + ", evaluation and generation included")
+                 + ", evaluation and generation included"
+                 + (f"; {unmeasured} jobs not measured (n/a: too large for this machine's memory) are not counted"
+                    if unmeasured else ""))
     return "\n".join(lines)
+
+
+def seconds(row: dict[str, Any]) -> float:
+    """A job's estimated seconds (0 where it was not measured)."""
+    return row["est_seconds"] or 0.0
 
 
 def duration(seconds: float) -> str:

@@ -35,10 +35,11 @@ from typing import Any
 
 from picollm import rundir
 from picollm.baselines import cached_baselines, did_not_train_threshold
-from picollm.config import RunConfig, to_dict
+from picollm.config import RunConfig
 from picollm.data.prepare import prepare
 from picollm.errors import TrainingDiverged, UserError
 from picollm.fileio import write_json_atomic
+from picollm.training import recipe
 from picollm.training.setup import plan_for
 
 # the trainer's `train(config, resume=..., progress=...)`, passed in: the trainer calls `tune` first
@@ -184,21 +185,12 @@ def run_point(cfg: RunConfig, train: Train, lr: float, length: float, total_step
     return (record["val_nll"] if record["val_nll"] is not None else math.inf), record["seconds"]
 
 
-# the train keys that change what a sweep run computes (threads, device, logging do not)
-RECIPE = ("optimizer", "lr", "betas", "momentum", "weight_decay", "schedule", "warmup_ratio", "min_lr", "grad_clip",
-          "batch_size", "grad_accum", "max_steps", "seed", "loss_chunk_tokens")
-
-
 def _check_same_point(directory: Path, point: RunConfig) -> None:
     """A cached sweep run must be this model's, on this data, with this recipe (a reused directory)."""
-    saved = to_dict(rundir.read_run_config(directory))
-    want = to_dict(point)
-    model = {k: v for k, v in saved["model"].items() if k in want["model"]}
-    same = model == want["model"] and saved["data"] == want["data"] and \
-        all(saved["train"].get(k) == want["train"][k] for k in RECIPE)
-    if not same:
-        raise UserError(f"{directory} holds a sweep run of another model, data or recipe; delete it, or give "
-                        "this run another train.lr_sweep_dir")
+    changed = recipe.changes(rundir.read_run_config(directory), point)
+    if changed:
+        raise UserError(f"{directory} holds a sweep run of another model, data or recipe "
+                        f"({'; '.join(map(str, changed))}); delete it, or give this run another train.lr_sweep_dir")
 
 
 def tune(cfg: RunConfig, train: Train, progress: bool = True) -> RunConfig | None:

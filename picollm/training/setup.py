@@ -18,6 +18,8 @@ from picollm.data.prepared import PreparedData
 from picollm.errors import UserError
 from picollm.models.base import DEFAULT_CONTEXT, LanguageModel
 from picollm.models.registry import build_model
+from picollm.models.sizing import build_on_meta
+from picollm.training import footprint
 from picollm.training.distributed import Dist, barrier
 from picollm.training.step import LossModule, build_optimizer
 
@@ -84,18 +86,46 @@ class TrainingSetup:
     plan: Plan
 
 
-def set_up(cfg: RunConfig, device: torch.device, d: Dist | None = None, progress: bool = False) -> TrainingSetup:
-    """Prepare the data (rank 0 builds the cache, the others wait for it), then build the rest. The model's
-    initial weights depend only on train.seed. `d`: this process's rank (default: the only one)."""
-    t = cfg.train
+def prepared_data(cfg: RunConfig, d: Dist | None = None, progress: bool = False) -> PreparedData:
+    """The run's prepared data: rank 0 builds the cache, the others wait for it and open it."""
     d = d or Dist()
     if d.is_main:
         data = prepare(cfg.data, progress=progress)
     barrier(d)
     if not d.is_main:
         data = prepare(cfg.data, progress=False)
+    return data
+
+
+def data_plan(cfg: RunConfig, data: PreparedData, d: Dist | None = None) -> tuple[RunConfig, WindowLoader, Plan]:
+    """The config with the model's vocab and context filled in, this rank's loader and the step plan.
+    UserError when the training split cannot fill one window, or one batch, of the config's size."""
+    d = d or Dist()
     cfg = with_vocab(cfg, data.tokenizer.vocab_size)
-    T = cfg.model["context_length"]
+    t, T = cfg.train, cfg.model["context_length"]
+    train_tokens = data.tokens("train")
+    loader = WindowLoader(train_tokens, T, t.batch_size, t.seed, rank=d.rank, world_size=d.world_size)
+    if loader.batches_per_epoch == 0:
+        raise UserError(f"the training split has {len(train_tokens):,} tokens, too few for one window of "
+                        f"model.context_length {T:,}; use more stories or a shorter context")
+    if loader.windows_per_epoch < t.batch_size:
+        ranks = f" per rank ({d.world_size} ranks)" if d.enabled else ""
+        raise UserError(f"train.batch_size {t.batch_size} is more than the {loader.windows_per_epoch:,} windows of "
+                        f"model.context_length {T:,} tokens in the training split{ranks}: a batch would be cut to "
+                        f"{loader.windows_per_epoch}; lower train.batch_size to {loader.windows_per_epoch} or less, "
+                        "or use more stories")
+    return cfg, loader, make_plan(cfg, loader.batches_per_epoch, d.world_size)
+
+
+def set_up(cfg: RunConfig, device: torch.device, d: Dist | None = None, progress: bool = False) -> TrainingSetup:
+    """Prepare the data, check that the run fits the data and the memory (before any weight is allocated),
+    then build the rest. The model's initial weights depend only on train.seed. `d`: this process's rank
+    (default: the only one)."""
+    t = cfg.train
+    d = d or Dist()
+    data = prepared_data(cfg, d, progress)
+    cfg, loader, plan = data_plan(cfg, data, d)
+    footprint.check_fits(build_on_meta(cfg.model), cfg, device)
 
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(device)
@@ -107,11 +137,4 @@ def set_up(cfg: RunConfig, device: torch.device, d: Dist | None = None, progress
                                                      else None)
     optimizer = build_optimizer(model, t)
     scaler = torch.amp.GradScaler(device.type, enabled=(t.dtype == "fp16" and device.type == "cuda"))
-
-    train_tokens = data.tokens("train")
-    loader = WindowLoader(train_tokens, T, t.batch_size, t.seed, rank=d.rank, world_size=d.world_size)
-    if loader.batches_per_epoch == 0:
-        raise UserError(f"the training split has {len(train_tokens)} tokens, too few for one window of "
-                        f"model.context_length {T}; use more stories or a shorter context")
-    plan = make_plan(cfg, loader.batches_per_epoch, d.world_size)
     return TrainingSetup(cfg, data, model, module, optimizer, scaler, loader, plan)

@@ -97,9 +97,9 @@ def read_training_state(directory: Path, optimizer: torch.optim.Optimizer,
     except FileNotFoundError:
         raise UserError(f"{path} is missing: {directory} is a model checkpoint, not a resumable one") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); resume from an earlier checkpoint") from None
+        raise UserError(f"{path} is not valid JSON ({exc}): the checkpoint is damaged") from None
     if not isinstance(state, dict):
-        raise UserError(f"{path} is not a training state (a JSON object); resume from an earlier checkpoint")
+        raise UserError(f"{path} is not a training state (a JSON object): the checkpoint is damaged")
     _verify_checkpoint(directory, state, path)
     tensors = load_state_dict(directory / TENSORS_FILE)
     try:
@@ -120,8 +120,8 @@ def read_training_state(directory: Path, optimizer: torch.optim.Optimizer,
         progress = TrainState.from_dict(state["progress"])
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
         what = f"missing or bad {exc}" if isinstance(exc, KeyError) else " ".join(str(exc).split())[:200]
-        raise UserError(f"{path} and {TENSORS_FILE} do not hold this run's training state ({what}); "
-                        f"the checkpoint is damaged: delete {directory} to resume from the one before it") from None
+        raise UserError(f"{path} and {TENSORS_FILE} do not hold this run's training state ({what}): "
+                        "the checkpoint is damaged") from None
     return progress
 
 

@@ -15,6 +15,7 @@ The loop is `Trainer.loop`; one step is `picollm.training.step.train_step`. Its 
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,20 +24,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from picollm import rundir
+from picollm import rundir, runlock
 from picollm.config import RunConfig, apply_overrides, from_dict, to_dict
 from picollm.device import resolve_device, resolve_dtype
 from picollm.errors import TrainingDiverged, UserError
 from picollm.export.hf import push
-from picollm.fileio import DiskFullError, is_disk_full, write_json_atomic
+from picollm.fileio import DiskFullError, check_writable_dir, is_disk_full, write_json_atomic
 from picollm.models.base import LanguageModel
-from picollm.training import faults, lr_search
+from picollm.models.sizing import build_on_meta
+from picollm.training import faults, footprint, lr_search, recipe
 from picollm.training.checkpoints import Checkpoints
 from picollm.training.distributed import any_flag, barrier, init_distributed, shutdown
 from picollm.training.evaluator import Evaluator
 from picollm.training.metrics import Clock, TrainingLog, peak_memory_mb, unigram_entropy
 from picollm.training.schedule import lr_at
-from picollm.training.setup import micro_batches, set_up
+from picollm.training.setup import data_plan, micro_batches, prepared_data, set_up
 from picollm.training.signals import StopSignals
 from picollm.training.state import TrainState
 from picollm.training.step import LossModule, build_optimizer, set_lr, train_step
@@ -57,49 +59,79 @@ def resolve_config(config: RunConfig | dict[str, Any]) -> RunConfig:
     return config if isinstance(config, RunConfig) else from_dict(RunConfig, config)
 
 
-def train(config: RunConfig | dict[str, Any], *, resume: bool = True, progress: bool = True) -> RunResult:
+def train(config: RunConfig | dict[str, Any], *, resume: bool = True, progress: bool = True,
+          allow_recipe_change: bool = False, from_step: int | None = None) -> RunResult:
     """Train one run into `config.out`, resuming it if it was interrupted; returns the finished run.
 
-    A finished run (summary.json says so) is returned as it is."""
+    A finished run (summary.json says so) trained with the same recipe is returned as it is. Resuming
+    under another recipe is refused unless `allow_recipe_change` (see `picollm.training.recipe`);
+    `from_step` continues from the checkpoint at that step, moving what came after it aside
+    (`picollm.rundir.discard_after`). The run directory is locked while it trains (`picollm.runlock`)."""
     cfg = resolve_config(config)
     out = Path(cfg.out)
-    summary = rundir.read_summary(out)
-    if resume and summary and summary.get("status") == "finished":
-        return RunResult(out, summary)
+    check_writable_dir(out, "the run directory")
+    finished, _ = recipe.check_start(out, cfg, resume, allow_recipe_change, from_step)
+    if finished is not None:
+        return RunResult(out, finished)
     if cfg.train.lr == "auto":  # short runs over train.lr_grid choose the rate first (lr_search.py)
         cfg = lr_search.tune(cfg, train, progress=progress)
         if cfg is None:  # a signal stopped a sweep run; the next call resumes it
             return RunResult(out, {"status": "interrupted", "steps": 0})
-    if resume and (out / rundir.CONFIG).is_file() and rundir.checkpoint_dirs(out):
-        if not _same_run(rundir.read_run_config(out), cfg):
-            raise UserError(f"{out} holds a run with a different model or data ({rundir.CONFIG}); choose "
-                            f"another --out, or continue that run with `picollm train --resume {out}`")
-    return Trainer(cfg, resume=resume, progress=progress).run()
+    return Trainer(cfg, resume=resume, progress=progress, allow_recipe_change=allow_recipe_change,
+                   from_step=from_step).run()
 
 
-def _same_run(saved: RunConfig, cfg: RunConfig) -> bool:
-    a, b = to_dict(saved), to_dict(cfg)
-    # the saved config has the resolved vocab/context; compare only what the new config states
-    a["model"] = {k: v for k, v in a["model"].items() if k in b["model"]}
-    # budgets and intervals may change on resume (e.g. train longer); the model and data may not
-    return a["model"] == b["model"] and a["data"] == b["data"]
-
-
-def resume_run(directory: str | Path, progress: bool = True, overrides: dict[str, Any] | None = None) \
-        -> RunResult:
-    """`picollm train --resume DIR`: continue the run in DIR from its latest checkpoint."""
+def resume_run(directory: str | Path, progress: bool = True, overrides: dict[str, Any] | None = None, *,
+               allow_recipe_change: bool = False, from_step: int | None = None, fresh: bool = False) -> RunResult:
+    """`picollm train --resume DIR`: continue the run in DIR from its latest checkpoint (or the one at
+    `from_step`); `fresh`: start it over from its config.yaml."""
     out = Path(directory)
     data = apply_overrides(to_dict(rundir.read_run_config(out)), overrides or {})
     data["out"] = str(out)
-    return train(from_dict(RunConfig, data), resume=True, progress=progress)
+    return train(from_dict(RunConfig, data), resume=not fresh, progress=progress,
+                 allow_recipe_change=allow_recipe_change, from_step=from_step)
 
 
 def dry_run(config: RunConfig | dict[str, Any], measure_steps: int = 3) -> dict[str, Any]:
-    """Parameters, tokens, FLOPs and an estimated wall time from a few measured steps, without training."""
+    """Parameters, tokens, FLOPs and the memory a step needs, computed on the meta device without allocating
+    the model; then, where that estimate clearly fits in the memory available (half of it at most), a few
+    measured steps and the wall time they predict. Trains nothing."""
     cfg = resolve_config(config)
     device = resolve_device(cfg.train.device)
     cfg = replace(cfg, train=replace(cfg.train, dtype=resolve_dtype(cfg.train.dtype, device)))
     t = cfg.train
+    data = prepared_data(cfg)
+    cfg, _, plan = data_plan(cfg, data)
+    model = build_on_meta(cfg.model)
+    T = cfg.model["context_length"]
+    tokens = plan.total_steps * plan.tokens_per_step
+    flops_per_token = model.flops_per_token(T)
+    needed = footprint.estimate(model, cfg)
+    available = footprint.available_bytes(device)
+    report: dict[str, Any] = {
+        "family": cfg.model["family"],
+        "num_parameters": model.num_parameters(),
+        "num_parameters_non_embedding": model.num_parameters(non_embedding=True),
+        "vocab_size": cfg.model["vocab_size"],
+        "context_length": T,
+        "train_tokens_per_epoch": int(len(data.tokens("train"))),
+        "steps": plan.total_steps,
+        "tokens": tokens,
+        "flops_per_token": flops_per_token,
+        "flops": flops_per_token * tokens,
+        "memory_estimate": footprint.gigabytes(needed.total),
+        "memory_available": footprint.gigabytes(available) if available is not None else None,
+        "step_seconds": None,
+        "tokens_per_s": None,
+        "est_seconds": None,
+        "device": str(device),
+        "dtype": t.dtype,
+    }
+    if available is not None and needed.total > available / 2:
+        report["not_measured"] = (f"a step needs about {footprint.gigabytes(needed.total)} (weights, gradients, "
+                                  f"optimizer state, activations), more than half of the "
+                                  f"{footprint.gigabytes(available)} available on {device}")
+        return report
     if t.threads:
         torch.set_num_threads(t.threads)
     s = set_up(cfg, device)
@@ -114,35 +146,21 @@ def dry_run(config: RunConfig | dict[str, Any], measure_steps: int = 3) -> dict[
         if i > 0:  # the first step pays for allocation and warm-up
             times.append(time.perf_counter() - start)
     step_seconds = float(np.median(times))
-    T = s.cfg.model["context_length"]
-    tokens = s.plan.total_steps * s.plan.tokens_per_step
-    flops_per_token = s.model.flops_per_token(T)
-    return {
-        "family": s.cfg.model["family"],
-        "num_parameters": s.model.num_parameters(),
-        "num_parameters_non_embedding": s.model.num_parameters(non_embedding=True),
-        "vocab_size": s.cfg.model["vocab_size"],
-        "context_length": T,
-        "train_tokens_per_epoch": int(len(s.data.tokens("train"))),
-        "steps": s.plan.total_steps,
-        "tokens": tokens,
-        "flops_per_token": flops_per_token,
-        "flops": flops_per_token * tokens,
-        "step_seconds": step_seconds,
-        "tokens_per_s": s.plan.tokens_per_step / step_seconds,
-        "est_seconds": step_seconds * s.plan.total_steps,
-        "device": str(device),
-        "dtype": t.dtype,
-    }
+    report.update(step_seconds=step_seconds, tokens_per_s=plan.tokens_per_step / step_seconds,
+                  est_seconds=step_seconds * plan.total_steps)
+    return report
 
 
 class Trainer:
     """One call of `train`: set-up, the loop, the end (final evaluation, final model, summary)."""
 
-    def __init__(self, cfg: RunConfig, resume: bool, progress: bool) -> None:
+    def __init__(self, cfg: RunConfig, resume: bool, progress: bool, allow_recipe_change: bool = False,
+                 from_step: int | None = None) -> None:
         self.cfg = cfg
         self.resume = resume
         self.progress = progress
+        self.allow_recipe_change = allow_recipe_change
+        self.from_step = from_step
         self.out = Path(cfg.out)
         self.signals = StopSignals()
 
@@ -185,14 +203,45 @@ class Trainer:
         raise diverged
 
     def _train(self) -> RunResult:
-        d, device = self.d, self.device
-        self.s = s = set_up(self.cfg, device, d, self.progress)
-        self.cfg = s.cfg
-        self.checkpoints = Checkpoints(self.out, self.cfg.train.keep_last, d)
-        latest = self.checkpoints.start(self.resume)
-        state = self.checkpoints.restore(latest, s.model, s.optimizer, s.scaler) if latest else TrainState()
+        d = self.d
+        self.s = set_up(self.cfg, self.device, d, self.progress)
+        self.cfg = self.s.cfg
+        with runlock.hold(self.out, d.rank) as lock:
+            return self._train_locked(lock)
+
+    def _record_course(self, step: int, changed: list[recipe.Change]) -> bool:
+        """In the run's history: a recipe change allowed at `step`, and a continuation from an earlier step
+        than the run reached (`--from-step`, or a finished run continued under a changed recipe), for which
+        what came after `step` is moved aside. Whether best/ was moved aside."""
+        out = self.out
+        if changed:
+            rundir.append_history(out, "recipe changed", step=step, changes={c.key: [c.old, c.new] for c in changed})
+        ended = any((out / name).exists() for name in (rundir.FINAL, rundir.SUMMARY))
+        if not self.resume or (self.from_step is None and not (changed and ended)):
+            return False
+        moved = rundir.discard_after(out, step)
+        best_moved = moved.pop("best_moved")
+        rundir.append_history(out, "continued from an earlier step", step=step, **moved)
+        print(f"[picollm] {out}: continuing from step {step}; moved to {out / moved['to']}: "
+              f"{', '.join(moved['moved']) or 'nothing'}", file=sys.stderr)
+        return best_moved
+
+    def _train_locked(self, lock: runlock.RunLock) -> RunResult:
+        d, device, s, out = self.d, self.device, self.s, self.out
+        self.checkpoints = Checkpoints(out, self.cfg.train.keep_last, d)
+        # read first: a refused or damaged start leaves the directory as it was
+        _, changed = recipe.check_start(out, self.cfg, self.resume, self.allow_recipe_change, self.from_step)
+        latest = self.checkpoints.resume_point(self.resume, self.from_step)
+        state = (self.checkpoints.restore(latest, s.model, s.optimizer, s.scaler, s.data.tokenizer) if latest
+                 else TrainState())
+        barrier(d)  # every rank has read before rank 0 writes
+        # then write: who trains here, what changes the run's course, the run files
+        lock.announce()
         if d.is_main:
-            rundir.write_run_files(self.out, self.cfg, device)
+            if self._record_course(state.step, changed):  # best/ was saved later: the next evaluation saves it
+                state.best_val_loss = None
+            self.checkpoints.tidy(latest, self.resume)
+            rundir.write_run_files(out, self.cfg, device)
         barrier(d)
 
         train_tokens = s.data.tokens("train")
@@ -259,10 +308,12 @@ class Trainer:
             saved = rundir.checkpoint_dirs(self.out)
             where = (f"its last checkpoint, {saved[-1]}, holds the last good weights" if saved else
                      "no checkpoint was written before it (see train.ckpt_interval)")
+            lower = f"{t.lr / 3:.2g}" if isinstance(t.lr, float) else "LOWER"
             raise TrainingDiverged(
                 f"{t.max_bad_steps} steps in a row had a non-finite loss or gradient; the run stopped "
-                f"at step {state.step} and {where}; lower train.lr, set train.grad_clip, or use train.dtype "
-                f"fp32/bf16, then resume with `picollm train --resume {self.out}`")
+                f"at step {state.step} and {where}; continue it with a lower learning rate, e.g. `picollm train "
+                f"--resume {self.out} --allow-recipe-change --train.lr {lower}` (or a lower train.grad_clip, or "
+                "train.dtype fp32)")
 
     def _checkpoint(self, state: TrainState) -> None:
         self.checkpoints.save(state, self.s.model, self.s.data.tokenizer, self.s.optimizer, self.s.scaler)
