@@ -19,9 +19,6 @@ LAZY_ALLOWED: dict[str, str] = {
     # the CLI's lazy verb loading: each verb imports what it runs inside `run`, so that `--help` and
     # the other verbs do not pay for it
     "picollm/commands/*": "lazy verb loading",
-    # being reworked on other branches (issue 13, the study; issue 16's bench split): their imports
-    # move to the top there
-    "picollm/study/runner.py": "the study engineer's rework",
     # the transformers model code (imports transformers, an optional extra) is loaded only by --verify
     "picollm/export/verify.py": "optional transformers",
 }
