@@ -129,8 +129,8 @@ def read_summary(out: Path) -> dict[str, Any] | None:
     return read_json(out / SUMMARY)
 
 
-def read_metrics(out: Path) -> list[dict[str, Any]]:
-    path = out / METRICS
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines log (metrics.jsonl, history.jsonl); a line cut off by a kill ends it."""
     if not path.is_file():
         return []
     rows = []
@@ -138,8 +138,12 @@ def read_metrics(out: Path) -> list[dict[str, Any]]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            break  # a line cut off by a kill ends the log
+            break
     return rows
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    return read_jsonl(out / METRICS)
 
 
 def truncate_metrics(out: Path, last_step: int) -> None:
@@ -167,16 +171,7 @@ def append_history(out: Path, event: str, **fields: Any) -> None:
 
 
 def read_history(out: Path) -> list[dict[str, Any]]:
-    path = out / HISTORY
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut off by a kill
-    return rows
+    return read_jsonl(out / HISTORY)
 
 
 def _model_step(directory: Path) -> int | None:

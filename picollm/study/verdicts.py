@@ -101,6 +101,11 @@ def settled(verdicts: list[str]) -> bool:
 # the records of a check and of a claim
 
 
+def shown(verdict: str, untrained: list[str]) -> str:
+    """A verdict as the report prints it: an inconclusive one names the runs that did not train."""
+    return f"{INCONCLUSIVE} ({', '.join(untrained)} did not train)" if verdict == INCONCLUSIVE else verdict
+
+
 @dataclass
 class Check:
     key: str  # what was compared, without the numbers (the same at every point of a trend)
@@ -113,9 +118,7 @@ class Check:
     @property
     def shown(self) -> str:
         """The verdict as the report prints it."""
-        if self.verdict == INCONCLUSIVE:
-            return f"{INCONCLUSIVE} ({', '.join(self.untrained)} did not train)"
-        return self.verdict
+        return shown(self.verdict, self.untrained)
 
     @property
     def evidence(self) -> str:
@@ -140,9 +143,7 @@ class Finding:
 
     @property
     def shown(self) -> str:
-        if self.verdict == INCONCLUSIVE:
-            return f"{INCONCLUSIVE} ({', '.join(self.untrained)} did not train)"
-        return self.verdict
+        return shown(self.verdict, self.untrained)
 
     @property
     def settled(self) -> bool:
