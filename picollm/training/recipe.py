@@ -13,8 +13,8 @@ two recipes from that step on.
 chose, so a resume compares the same thing before and after the sweep. A config is `auto` while its rate is
 `auto` or the one the sweep chose (`train.lr_found` records it); a rate the user set since (`--train.lr` on a
 resume, allowed and recorded like any change) is a number again, and `lr_found` stays as the record of the
-sweep that was run. Not in it, on purpose: threads, device, dtype, compile, the evaluation, checkpoint and logging intervals, W&B, the
-hub, and the data's cache directory and worker count.
+sweep that was run. Not in it, on purpose: threads, device, dtype, compile, the evaluation, checkpoint and
+logging intervals, W&B, the hub, and the data's cache directory and worker count.
 """
 
 from __future__ import annotations
