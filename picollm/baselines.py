@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from picollm.data.prepared import BASELINES_FILE
 from picollm.fileio import write_json_atomic
 
 FORMAT = 1
@@ -192,13 +193,11 @@ def did_not_train_threshold(record: dict[str, Any]) -> float:
     return uni - 0.5 * (uni - bi)
 
 
-CACHE_FILE = "baselines.json"
-
-
 def cached_baselines(prepared: Any) -> dict[str, Any]:
     """`baselines_for(prepared)`, kept beside the prepared data (computed once per prepared dataset; a
-    read-only shared cache is left as it is, and the baselines are computed again each time)."""
-    path = prepared.directory / CACHE_FILE
+    cache that cannot be written, read-only or shared, is read as it is, and the baselines are computed
+    again each time)."""
+    path = prepared.directory / BASELINES_FILE
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(record, dict) and record.get("format") == FORMAT and record.get("models"):
@@ -208,6 +207,6 @@ def cached_baselines(prepared: Any) -> dict[str, Any]:
     record = baselines_for(prepared)
     try:
         write_json_atomic(path, record)
-    except PermissionError:
+    except OSError:  # not writable by this user (EACCES), a read-only filesystem (EROFS), a full disk: a cache only
         pass
     return record

@@ -32,7 +32,7 @@ from picollm.export.gpt2 import from_gpt2_weights
 from picollm.export.layout import picollm_view, refuse_pickled_weights
 from picollm.export.tokenizer_files import TOKENIZER_JSON, read_tokenizer
 from picollm.fileio import file_record, write_dir_atomic
-from picollm.hub import download
+from picollm.hub import download, is_repo_id
 from picollm.models.base import LanguageModel
 from picollm.models.registry import build_model, model_config_to_dict
 from picollm.rundir import MODEL_CONFIG, model_dir
@@ -228,9 +228,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     directory = Path(path).expanduser()
     if directory.is_dir():
         return model_dir(directory)
-    text = str(path)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not directory.exists():
-        return download(text)
+    if is_repo_id(str(path)):
+        return download(str(path))
     raise UserError(f"checkpoint {path} does not exist; pass a run directory, a checkpoint directory "
                     "or a Hugging Face repo id (user/name)")
 

@@ -14,6 +14,12 @@ from picollm.errors import UserError
 ALLOWED_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"]
 
 
+def is_repo_id(text: str) -> bool:
+    """Whether `text`, given where a path or a hub repo may go, names a repo (`user/name`): one slash,
+    not a path (relative with a dot, absolute, home) and nothing at that path on disk."""
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).expanduser().exists()
+
+
 def upload(folder: str | Path, repo_id: str, private: bool = False, message: str = "Upload picollm model") -> str:
     """Upload every file of `folder` to the model repo `repo_id` (created if missing); returns its URL.
 

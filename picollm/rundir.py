@@ -73,9 +73,13 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def write_run_files(out: Path, config: RunConfig, device: torch.device) -> None:
+def write_config(out: Path, config: RunConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / CONFIG, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def write_run_files(out: Path, config: RunConfig, device: torch.device) -> None:
+    write_config(out, config)
     write_json_atomic(out / ENVIRONMENT, {
         FORMAT_KEY: FORMAT_VERSION,
         "picollm_version": __version__,

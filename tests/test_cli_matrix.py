@@ -19,8 +19,6 @@ Adding a row is one line. The command line is split like a shell's and its place
 
 `world` names a function of WORLDS that prepares the row's directory before the command runs. `sub=True`
 runs the command in a real subprocess (`python -m picollm`) instead of `picollm.cli.main` in process.
-`needs` names the branch whose fix a row tests before it is merged (`study`: a dotted override written
-as `--key value` before the study's optional STUDY.yaml); such a row fails until then, by design.
 
 The matrix is built from `picollm.cli.COMMANDS`: a verb without a happy row and an error row fails
 `test_every_verb_has_rows`, so a verb added later must bring its rows.
@@ -62,7 +60,6 @@ class Row:
     code: int = 2
     world: str | None = None  # a key of WORLDS
     sub: bool = False  # through a real `python -m picollm` process
-    needs: str | None = None  # a merge this row waits for (said in the report, not skipped)
 
     @property
     def id(self) -> str:
@@ -126,6 +123,8 @@ ROWS = [
         world="interrupted"),
     bad("train", "--config {copy}/config.yaml --out {copy} --train.max_steps 20", "train.max_steps 12 -> 20",
         "finished under another recipe", world="finished"),
+    bad("train", "--resume {copy} --train.lr 1e-3", "train.lr 'auto' -> 0.001", "--allow-recipe-change",
+        world="tuned"),
     bad("train", "--resume {copy} --model.d_model 64", "model.d_model 32 -> 64", "another model",
         world="interrupted"),
     bad("train", "--resume {copy} --from-step 7", "no checkpoint at step 7", "steps 10, 12", world="finished"),
@@ -176,10 +175,9 @@ ROWS = [
     bad("study", "--dry-run --jobs 0", "--jobs must be at least 1, got 0"),
     bad("study", "--dry-run --jobs -2", "--jobs must be at least 1, got -2"),
     bad("study", "{study} --dry-run --grid model.nokey=1,2", "--grid model.nokey", "model.n_layers"),
-    bad("study", "--dry-run --train.device cpu --grid model.nokey=1", "--grid model.nokey", "model.k",
-        needs="study"),
+    bad("study", "--dry-run --train.device cpu --grid model.nokey=1", "--grid model.nokey", "model.k"),
     bad("study", "--dry-run --only size --data {data} --data.cache_dir {file}", "prepared-data cache",
-        "{file} is a file", sub=True, needs="study"),
+        "{file} is a file", sub=True),
     bad("study", "{study} --out {file}", "--out {file} is a file, not a directory"),
     bad("study", "{study} --out {ro}/study", "--out {ro}/study cannot be written"),
     bad("study", "{tmp}/missing.yaml", "{tmp}/missing.yaml does not exist"),
@@ -240,6 +238,15 @@ def _interrupted(w: World) -> None:
     shutil.rmtree(w.copy / "checkpoints" / "step-00000012")
 
 
+def _tuned(w: World) -> None:
+    """Interrupted, and trained at the rate an lr sweep chose (`train.lr: auto`): config.yaml records it."""
+    _interrupted(w)
+    path = w.copy / "config.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["train"]["lr_found"] = {"chosen": data["train"]["lr"], "losses": [], "wall_time_s": 1.0}
+    path.write_text(yaml.safe_dump(data))
+
+
 def _damaged_latest(w: World) -> None:
     (w.copy / "summary.json").unlink()
     shutil.rmtree(w.copy / "final")
@@ -266,6 +273,7 @@ def _damaged_cache(w: World) -> None:
 WORLDS: dict[str, Callable[[World], None]] = {
     "finished": lambda w: None,
     "interrupted": _interrupted,
+    "tuned": _tuned,
     "damaged_latest": _damaged_latest,
     "damaged_final": lambda w: (w.copy / "final" / "config.json").unlink(),
     "edited_heads": _edited_heads,

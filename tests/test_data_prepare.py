@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from picollm.baselines import baselines_for, cached_baselines
 from picollm.cli import main
 from picollm.config import DataConfig
 from picollm.data import prepare as prepare_mod
 from picollm.data.loader import seeded_permutation
 from picollm.data.prepare import PreparedData, assign_splits, cache_path, prepare, split_sizes
+from picollm.data.prepared import BASELINES_FILE
 from picollm.data.sources import iter_stories
 from picollm.errors import UserError
 
@@ -343,6 +345,9 @@ def test_a_read_only_cache_is_read_without_writing(corpus: Path, tmp_path: Path,
     data = prepare(cfg, progress=False)
     assert data.cached and data.tokens("train").tolist() == built.tokens("train").tolist()
     assert not (data.directory / ".verified.json").exists()  # verified, and nothing written
+    # the baselines (lr auto's threshold, the study's reference lines) are computed, not cached there
+    assert cached_baselines(data) == baselines_for(built)
+    assert not (data.directory / BASELINES_FILE).exists()
     other = _cfg(corpus, tmp_path / "shared", seed=5)  # not in the read-only cache: it cannot be built there
     with pytest.raises(UserError, match=r"the prepared-data cache .*shared/prepared cannot be written: "
                                         r".*shared/prepared is (on a read-only filesystem|not writable by this "

@@ -15,6 +15,7 @@ from helpers import assert_same_weights, pickle_trap
 import picollm
 from picollm.checkpoint import config_checksum
 from picollm.errors import UserError
+from picollm.hub import is_repo_id
 
 
 def test_load_from_a_prepopulated_hub_cache_offline(reference_run, hub_cache):
@@ -79,3 +80,11 @@ def test_hub_download_fetches_only_config_safetensors_and_tokenizer_json(monkeyp
     fetched = set(filter_repo_objects(repo_files, allow_patterns=asked["allow_patterns"],
                                       ignore_patterns=asked.get("ignore_patterns")))
     assert fetched == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"}
+
+
+def test_a_repo_id_is_user_slash_name_and_not_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert is_repo_id("someone/pico-lm")
+    assert not any(is_repo_id(text) for text in ("pico-lm", "a/b/c", "./a", "/abs/path", "~/runs", "../x"))
+    (tmp_path / "runs" / "pico").mkdir(parents=True)
+    assert not is_repo_id("runs/pico")  # a directory here wins over a repo of that name

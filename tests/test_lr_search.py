@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import yaml
 
 from picollm.cli import main
 from picollm.config import load_run_config
-from picollm.training import lr_search
+from picollm.training import faults, lr_search
 from picollm.training.lr_search import choose, decide, lengths
 
 GRID = [1e-3, 3e-3, 1e-2, 3e-2]
@@ -146,3 +148,41 @@ def test_train_lr_auto_sweeps_prints_records_and_reuses(tmp_path, data_args, cap
     assert err.count("tokens/s") == 1  # only the run itself trained
     assert sorted(str(p) for p in (run / "lr_sweep").glob("*/*")) == before
     assert json.loads((again / "summary.json").read_text())["lr"] == best
+
+
+@pytest.mark.slow
+def test_a_run_stopped_during_its_sweep_resumes_with_the_advice_it_prints(tmp_path, data_args, capsys, monkeypatch):
+    """Ctrl-C in a sweep run: the advice printed is the run's own `--resume OUT` (config.yaml, lr auto, is
+    written before the sweep), never the sweep run's directory, and following it finishes the whole run."""
+    run = tmp_path / "run"
+    fired = []
+
+    def ctrl_c(point: str, step: int) -> None:  # a SIGINT in the first step of the first sweep run
+        if point == "inside_step" and not fired:
+            fired.append(step)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(faults, "reached", ctrl_c)
+    argv = ["train", "--preset", "transformer-pico", *data_args, "--model.context_length", "16",
+            "--train.batch_size", "4", "--train.max_steps", "6", "--train.eval_interval", "0",
+            "--train.log_interval", "1", "--train.threads", "1", "--no-progress", "--train.lr", "auto",
+            "--train.lr_grid", "[0.003, 0.03]", "--train.lr_sweep_fraction", "1.0", "--out", str(run)]
+    capsys.readouterr()
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert fired == [0] and "interrupted by signal at step 1" in err
+    advice = [line for line in err.splitlines() if "Resume with" in line or "--resume" in line]
+    assert advice == [f"[picollm] {run}: the lr sweep was interrupted; Resume with: picollm train --resume {run}"], err
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["lr"] == "auto"
+    stopped = run / "lr_sweep" / "f1" / "lr-0.003"
+    assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step-00000001"]
+
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 6 and summary["lr"] == summary["lr_sweep"]["chosen"]
+    # the stopped sweep run continued from its step 1 (a fresh start would have deleted that checkpoint):
+    # each of its 6 steps logged once
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["step-00000001", "step-00000006"]
+    steps = [json.loads(r)["step"] for r in (stopped / "metrics.jsonl").read_text().splitlines()
+             if json.loads(r)["kind"] == "train"]
+    assert steps == list(range(1, 7))

@@ -119,6 +119,54 @@ def test_interrupted_run_resumed_with_another_lr_is_refused_then_allowed_and_rec
     assert len(rundir.read_history(run)) == 1
 
 
+def tuned(run: Path, chosen: float = 0.003) -> None:
+    """Make `run`'s config.yaml what `train.lr: auto` writes once its sweep chose `chosen`: that rate and
+    `train.lr_found` recording the sweep (the reference run trained at 0.003)."""
+    path = run / "config.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["train"].update(lr=chosen, lr_grid=[0.001, 0.003], lr_found={
+        "grid": [0.001, 0.003], "losses": [[0.001, 6.1], [0.003, 5.9]], "chosen": chosen, "at_edge": False,
+        "wall_time_s": 2.0})
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_the_recipe_of_a_tuned_run_is_auto_until_its_rate_is_set_by_hand(data_section, tmp_path):
+    found = {"chosen": 0.003, "grid": [0.001, 0.003]}
+    saved = config(data_section, tmp_path, lr=0.003, lr_found=found)
+    assert recipe.changes(saved, config(data_section, tmp_path, lr="auto")) == []
+    assert recipe.changes(saved, config(data_section, tmp_path, lr=0.003, lr_found=found)) == []
+    # the sweep's settings count while both sides are auto ...
+    assert [str(c) for c in recipe.changes(saved, config(data_section, tmp_path, lr="auto", lr_grid=[0.01, 0.03]))] == [
+        "train.lr_grid [0.001, 0.003, 0.01, 0.03] -> [0.01, 0.03]"]
+    # ... and a rate set by hand is a number, whatever lr_found still records
+    by_hand = config(data_section, tmp_path, lr=0.001, lr_found=found)
+    assert [str(c) for c in recipe.changes(saved, by_hand)] == ["train.lr 'auto' -> 0.001"]
+    assert recipe.changes(by_hand, config(data_section, tmp_path, lr=0.001)) == []
+
+
+def test_a_tuned_run_resumed_with_another_lr_is_refused_then_allowed_and_recorded(tmp_path, reference_run, capsys):
+    run = interrupted_copy(reference_run, tmp_path)
+    (run / "checkpoints" / "step-00000012").rename(tmp_path / "later")  # interrupted after step 10
+    tuned(run)
+    before = tree(run)
+    line = one_line_error(*run_cli(capsys, "train", "--resume", str(run), "--train.lr", "1e-3", "--no-progress"))
+    assert "train.lr 'auto' -> 0.001" in line and "--allow-recipe-change" in line, line
+    assert tree(run) == before
+    code, err = run_cli(capsys, "train", "--resume", str(run), "--train.lr", "1e-3", "--allow-recipe-change",
+                        "--no-progress")
+    assert code == 0, err
+    assert [(h["event"], h["step"], h["changes"]) for h in rundir.read_history(run)] == [
+        ("recipe changed", 10, {"train.lr": ["auto", 0.001]})]
+    # the run's rate is the one set by hand; lr_found stays, the record of the sweep that chose 0.003
+    train_cfg = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert train_cfg["lr"] == 0.001 and train_cfg["lr_found"]["chosen"] == 0.003
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["lr"], summary["lr_sweep"]["chosen"], summary["steps"]) == (0.001, 0.003, 12)
+    # resumed again as it now is: the same recipe, nothing refused or recorded
+    code, err = run_cli(capsys, "train", "--resume", str(run), "--no-progress")
+    assert code == 0 and len(rundir.read_history(run)) == 1, err
+
+
 def test_a_finished_run_is_returned_as_it_is_only_under_its_own_recipe(tmp_path, reference_run, data_section):
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)

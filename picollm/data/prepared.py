@@ -11,6 +11,8 @@ Layout of a prepared directory (`<cache_dir>/prepared/<name>-<key>/`):
   size and sha256 of every other file (`files`).
 - the tokenizer files (`tokenizer_config.json`, plus `tokenizer.json` for bpe:N).
 - `.verified.json`: the stamp of the last verification (below); not part of the data.
+- `baselines.json`: the unigram and bigram baselines of the data (`picollm.baselines`), written the first
+  time they are asked for (not where the cache is read-only); derived, not part of the data or its checksums.
 
 Opening the directory checks every file against `meta.json`: its size always, its sha256 once. A file
 whose content was checked is then trusted while its size, modification time and inode are those the
@@ -40,6 +42,7 @@ META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
 FILES_KEY = "files"  # in meta.json: {file name: {"bytes": size, "sha256": hex}}
 STAMP_FILE = ".verified.json"  # {file name: {"bytes", "mtime_ns", "inode", "sha256"}} as last verified
+BASELINES_FILE = "baselines.json"  # picollm.baselines' cache of what it computed from the data
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -22,6 +22,7 @@ from typing import Any
 from picollm import rundir
 from picollm.checkpoint import load, load_model
 from picollm.errors import UserError
+from picollm.hub import is_repo_id
 from picollm.models.registry import get_family, model_config_to_dict
 
 LOAD_TRIES = 3
@@ -167,10 +168,6 @@ def _study_runs(directory: Path, study: Study, skipped: list[str]) -> list[_Foun
     return found
 
 
-def _looks_like_hub_id(text: str) -> bool:
-    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).exists()
-
-
 def _find(source: str, studies: list[Study], skipped: list[str]) -> list[_Found]:
     path = Path(source).expanduser()
     if path.is_dir():
@@ -189,7 +186,7 @@ def _find(source: str, studies: list[Study], skipped: list[str]) -> list[_Found]
             return [_Found(path.resolve().name, run_checkpoint(path), path)]
         raise UserError(f"{source} is neither a study (study.json), a run (config.yaml) nor a checkpoint "
                         "(config.json) directory")
-    if _looks_like_hub_id(source):
+    if is_repo_id(source):
         return [_Found(source.split("/")[1], source, None)]
     raise UserError(f"{source} does not exist; pass a study, run or checkpoint directory or a hub repo id "
                     "(user/name)")

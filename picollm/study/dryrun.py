@@ -23,6 +23,7 @@ from picollm.study.evals import run_is_finished
 from picollm.study.plan import StudyPlan, prepared_for
 from picollm.study.runner import devices_for, with_slot
 from picollm.training import lr_search
+from picollm.training.setup import plan_for
 from picollm.training.trainer import dry_run
 
 EVAL_COST = 0.45  # an evaluated token costs this fraction of a trained one (forward only, larger batches)
@@ -49,9 +50,7 @@ def job_seconds(cfg: RunConfig, steps: int, step_seconds: float | None, split_to
     """None where the step was not measured (the model does not clearly fit in this machine's memory)."""
     if step_seconds is None:
         return None
-    t = cfg.train
-    tokens_per_step = t.batch_size * t.grad_accum * int(cfg.model["context_length"])
-    per_token = step_seconds / tokens_per_step
+    per_token = step_seconds / plan_for(cfg, split_tokens["train"]).tokens_per_step
     seconds = steps * step_seconds + _eval_tokens(cfg, steps, split_tokens, sweep) * per_token * EVAL_COST + JOB_S
     return seconds + (0.0 if sweep else GENERATION_S)
 

@@ -35,6 +35,7 @@ from picollm.models.sizing import count_parameters, solve
 from picollm.schema import flatten_keys
 from picollm.study.spec import TREND_POINTS, EvalSpec, PlannedRun, StudySpec, eval_settings, expand
 from picollm.training.lr_search import RULE, planned_steps
+from picollm.training.setup import plan_for
 
 STUDY_FORMAT = 2
 SWEEP_DIR = "lr_sweep"
@@ -171,8 +172,9 @@ def _solve(run: PlannedRun, model: dict[str, Any], vocab_size: int) -> dict[str,
 
 
 def planned_tokens(config: RunConfig, train_tokens: int) -> int:
-    t = config.train
-    return planned_steps(config, train_tokens) * t.batch_size * t.grad_accum * int(config.model["context_length"])
+    """The tokens a run trains on, as the trainer plans it (steps x tokens per step)."""
+    plan = plan_for(config, train_tokens)
+    return plan.total_steps * plan.tokens_per_step
 
 
 def _existing(root: Path) -> dict[str, Path]:

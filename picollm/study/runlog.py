@@ -13,14 +13,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from picollm import rundir
 from picollm.baselines import did_not_train_threshold
 from picollm.errors import UserError
 from picollm.models.base import DEFAULT_CONTEXT
-from picollm.models.registry import build_model
+from picollm.models.sizing import build_on_meta
 
 
 def finite(x: Any) -> bool:
@@ -78,8 +77,7 @@ class RunLog:
         if not model.get("family"):
             return None
         try:
-            with torch.device("meta"):
-                built = build_model(model)
+            built = build_on_meta(model)
         except UserError:
             return None
         return float(built.flops_per_token(int(model.get("context_length", DEFAULT_CONTEXT))))

@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from picollm.config import RunConfig, from_dict, to_dict
-from picollm.models.registry import build_model
+from picollm.models.sizing import build_on_meta
 from picollm.study.plan import StudyPlan, StudyRun, Sweep, planned_tokens, prepared_for
 from picollm.training import lr_search
 
@@ -25,9 +23,7 @@ def estimate_seconds(config: dict[str, Any], train_tokens: int, evaluate: bool =
     """A rough wall time for one run on this machine, from its FLOPs: what orders the jobs and weighs
     the bar (the dry run measures steps instead). `evaluate`: with the eval.json generation after it."""
     cfg = from_dict(RunConfig, config)
-    with torch.device("meta"):
-        model = build_model(cfg.model)
-    flops = model.flops_per_token(int(cfg.model["context_length"]))
+    flops = build_on_meta(cfg.model).flops_per_token(int(cfg.model["context_length"]))
     tokens = planned_tokens(cfg, train_tokens)
     return tokens * (4e-5 + flops / 6e10) * 1.15 + (2.0 if evaluate else 1.0)
 
@@ -88,8 +84,7 @@ class Schedule:
         prep = prepared_for(self.plan, sweep.config)
         seconds = estimate_seconds(to_dict(point), prep.num_tokens("train"), evaluate=False)
         after = max((j.seconds for j in self.waiting.get(sweep.key, [])), default=0.0)
-        steps = point.train.max_steps or 1
-        tokens = steps * point.train.batch_size * point.train.grad_accum * int(point.model["context_length"])
+        tokens = planned_tokens(point, prep.num_tokens("train"))
         name = f"{sweep.label} lr {lr:g}" + (f" at {length:g}" if length != sweep.fraction else "")
         job = Job("sweep", f"{sweep.key}@{length:g}@{lr:g}", name, Path(point.out), seconds, tokens, sweep=sweep,
                   lr=lr, length=length, priority=seconds + after)

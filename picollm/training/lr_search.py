@@ -42,7 +42,7 @@ from picollm.fileio import write_json_atomic
 from picollm.training import recipe
 from picollm.training.setup import plan_for
 
-# the trainer's `train(config, resume=..., progress=...)`, passed in: the trainer calls `tune` first
+# the trainer's `train(config, resume=..., progress=..., resume_advice=...)`, passed in: the trainer calls `tune` first
 Train = Callable[..., Any]
 
 RULE = ("lowest full-split val NLL at lr_sweep_fraction of the steps; one more rate beyond an edge minimum; "
@@ -172,7 +172,7 @@ def run_point(cfg: RunConfig, train: Train, lr: float, length: float, total_step
         return done
     started = time.perf_counter()
     try:
-        result = train(point, resume=True, progress=False)
+        result = train(point, resume=True, progress=False, resume_advice=False)  # the run's own advice is printed
     except TrainingDiverged as exc:  # a rate too high for this model: it loses the sweep, nothing more
         record = {"lr": lr, "val_nll": None, "diverged": str(exc)}
     else:

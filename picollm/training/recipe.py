@@ -10,9 +10,11 @@ two recipes from that step on.
 
 `RECIPE` is the one list of what counts: extend it when a setting that changes the training is added. With
 `train.lr: auto` the recipe is `auto` and the sweep's settings (grid, fraction, seed), not the rate the sweep
-chose (`train.lr_found` records it), so a resume compares the same thing before and after the sweep. Not in it,
-on purpose: threads, device, dtype, compile, the evaluation, checkpoint and logging intervals, W&B, the
-hub, and the data's cache directory and worker count.
+chose, so a resume compares the same thing before and after the sweep. A config is `auto` while its rate is
+`auto` or the one the sweep chose (`train.lr_found` records it); a rate the user set since (`--train.lr` on a
+resume, allowed and recorded like any change) is a number again, and `lr_found` stays as the record of the
+sweep that was run. Not in it, on purpose: threads, device, dtype, compile, the evaluation, checkpoint and
+logging intervals, W&B, the hub, and the data's cache directory and worker count.
 """
 
 from __future__ import annotations
@@ -75,17 +77,25 @@ def recipe(config: RunConfig, vocab_size: int | None = None) -> dict[str, Any]:
               "train.max_tokens" if t.max_tokens is not None else "train.epochs")
     unused = {"train.max_steps", "train.max_tokens", "train.epochs"} - {budget}
     unused.add("train.momentum" if t.optimizer != "sgd" else "train.betas")
-    if t.lr == "auto" or t.lr_found:  # the rate is the sweep's choice, recorded in lr_found
+    if is_auto(config):
         flat["train.lr"] = "auto"
     else:
         unused.update(SWEEP)
     return {k: v for k, v in flat.items() if k not in unused}
 
 
+def is_auto(config: RunConfig) -> bool:
+    """Whether the run's rate is the sweep's: `auto`, or the rate its sweep chose (`train.lr_found`)."""
+    t = config.train
+    return t.lr == "auto" or bool(t.lr_found and t.lr == t.lr_found.get("chosen"))
+
+
 def changes(saved: RunConfig, new: RunConfig) -> list[Change]:
     """What `new` changes in the recipe of the run saved as `saved` (config.yaml), key by key."""
     old = recipe(saved)
     now = recipe(new, vocab_size=saved.model.get("vocab_size"))
+    if is_auto(saved) != is_auto(new):  # `auto` against a number: that is the change, not the sweep's settings
+        old, now = ({k: v for k, v in r.items() if not _matches(k, SWEEP)} for r in (old, now))
     return [Change(k, old.get(k), now.get(k)) for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
 
 

@@ -15,6 +15,7 @@ The loop is `Trainer.loop`; one step is `picollm.training.step.train_step`. Its 
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -60,13 +61,15 @@ def resolve_config(config: RunConfig | dict[str, Any]) -> RunConfig:
 
 
 def train(config: RunConfig | dict[str, Any], *, resume: bool = True, progress: bool = True,
-          allow_recipe_change: bool = False, from_step: int | None = None) -> RunResult:
+          allow_recipe_change: bool = False, from_step: int | None = None, resume_advice: bool = True) -> RunResult:
     """Train one run into `config.out`, resuming it if it was interrupted; returns the finished run.
 
     A finished run (summary.json says so) trained with the same recipe is returned as it is. Resuming
     under another recipe is refused unless `allow_recipe_change` (see `picollm.training.recipe`);
     `from_step` continues from the checkpoint at that step, moving what came after it aside
-    (`picollm.rundir.discard_after`). The run directory is locked while it trains (`picollm.runlock`)."""
+    (`picollm.rundir.discard_after`). The run directory is locked while it trains (`picollm.runlock`).
+    `resume_advice=False`: a signal stops the run without printing how to resume it (an lr sweep run, whose
+    caller prints the advice for the run it belongs to)."""
     cfg = resolve_config(config)
     out = Path(cfg.out)
     check_writable_dir(out, "the run directory")
@@ -74,11 +77,27 @@ def train(config: RunConfig | dict[str, Any], *, resume: bool = True, progress: 
     if finished is not None:
         return RunResult(out, finished)
     if cfg.train.lr == "auto":  # short runs over train.lr_grid choose the rate first (lr_search.py)
+        resumable = _config_before_sweep(out, cfg)
         cfg = lr_search.tune(cfg, train, progress=progress)
         if cfg is None:  # a signal stopped a sweep run; the next call resumes it
+            if resume_advice and int(os.environ.get("RANK", "0")) == 0:
+                how = (f"Resume with: picollm train --resume {out}" if resumable else
+                       "run the same command again to continue it")
+                print(f"[picollm] {out}: the lr sweep was interrupted; {how}", file=sys.stderr)
             return RunResult(out, {"status": "interrupted", "steps": 0})
     return Trainer(cfg, resume=resume, progress=progress, allow_recipe_change=allow_recipe_change,
-                   from_step=from_step).run()
+                   from_step=from_step, resume_advice=resume_advice).run()
+
+
+def _config_before_sweep(out: Path, cfg: RunConfig) -> bool:
+    """Write the run's config.yaml (lr auto) before its sweep, so that `--resume OUT` continues a sweep that
+    was stopped, when nothing of another run is there to resume (no checkpoint, no summary: its config.yaml
+    is compared with no other). Whether OUT's config.yaml is now this run's."""
+    if rundir.checkpoint_dirs(out) or (out / rundir.SUMMARY).exists():
+        return False
+    if int(os.environ.get("RANK", "0")) == 0:
+        rundir.write_config(out, cfg)
+    return True
 
 
 def resume_run(directory: str | Path, progress: bool = True, overrides: dict[str, Any] | None = None, *,
@@ -155,10 +174,11 @@ class Trainer:
     """One call of `train`: set-up, the loop, the end (final evaluation, final model, summary)."""
 
     def __init__(self, cfg: RunConfig, resume: bool, progress: bool, allow_recipe_change: bool = False,
-                 from_step: int | None = None) -> None:
+                 from_step: int | None = None, resume_advice: bool = True) -> None:
         self.cfg = cfg
         self.resume = resume
         self.progress = progress
+        self.resume_advice = resume_advice
         self.allow_recipe_change = allow_recipe_change
         self.from_step = from_step
         self.out = Path(cfg.out)
@@ -324,8 +344,8 @@ class Trainer:
 
     def _stopped(self, state: TrainState) -> RunResult:
         self.log.end_progress()
-        self.log.say(f"interrupted by signal at step {state.step}; checkpoint written. "
-                     f"Resume with: picollm train --resume {self.out}")
+        advice = f" Resume with: picollm train --resume {self.out}" if self.resume_advice else ""
+        self.log.say(f"interrupted by signal at step {state.step}; checkpoint written.{advice}")
         self.log.close()
         return RunResult(self.out, {"status": "interrupted", "steps": state.step}, self.s.model)
 
