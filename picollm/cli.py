@@ -14,7 +14,7 @@ The dispatcher keeps nothing of its own in the parsed arguments that a verb coul
 stored under `VERB_KEY` (a name with a space, which no flag or positional argument produces) and its
 `run` is looked up from `COMMANDS`, so a verb may call an argument `run` or `command`. It adds
 `args.overrides` (the flags argparse did not know, for verbs that set `accepts_overrides`); a verb
-must not declare either name itself (tests/test_cli_matrix.py checks every verb).
+must not declare either name itself (tests/test_cli.py checks every verb).
 """
 
 from __future__ import annotations
