@@ -12,6 +12,8 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+import yaml
+
 from picollm.data.prepared import SPLITS
 
 TEMPLATE = Path(__file__).parent / "card.md"
@@ -96,8 +98,6 @@ def _recipe_section(recipe: dict[str, Any]) -> str:
     train = recipe.get("train") if isinstance(recipe.get("train"), dict) else None
     if not train:
         return "Not recorded: this export was made from a checkpoint directory without its run."
-    import yaml
-
     return "The `train` section of the run's config (`picollm train --config`):\n\n```yaml\n" + \
         yaml.safe_dump(train, sort_keys=False).rstrip() + "\n```"
 
