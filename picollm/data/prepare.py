@@ -26,7 +26,7 @@ from picollm.data.prepared import PreparedData
 from picollm.data.sources import source_identity
 from picollm.data.tokenizer import parse_spec
 from picollm.errors import UserError
-from picollm.fileio import DiskFullError, check_writable_dir, write_dir_atomic
+from picollm.fileio import DiskFullError, check_writable_dir, finish_replacement, write_dir_atomic
 
 # PreparedData, assign_splits and split_sizes are re-exported: callers import them from here
 __all__ = ["CACHE_KEY_VERSION", "PreparedData", "assign_splits", "cache_key", "cache_path", "prepare", "split_sizes"]
@@ -124,6 +124,7 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PreparedData:
 def _open_or_build(cfg: DataConfig, final: Path, report: BuildProgress) -> PreparedData:
     root = final.parent
     with _locked(root, report):
+        finish_replacement(final)  # a rebuild that a kill interrupted left the previous data moved aside
         if final.exists():
             try:
                 data = PreparedData.open(final)
