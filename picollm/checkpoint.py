@@ -2,13 +2,16 @@
 
 Nothing here unpickles: weights are safetensors, everything else JSON. Every directory is written
 atomically (`picollm.fileio.write_dir_atomic`), so a kill at any moment leaves either the previous
-complete directory or the new complete one; a full disk is a `DiskFullError` naming the directory.
+complete directory (under its name, or moved aside as `.NAME.old` until the next write puts it back) or
+the new complete one; a full disk is a `DiskFullError` naming the directory.
 
 `config.json` records the size and sha256 of the weights and tokenizer files (`files`), so a file
 that was truncated, corrupted or copied in from another checkpoint is named on load instead of
 being used, and since format 2 the sha256 of its own content (`config_sha256`, over the rest of the
 file as canonical JSON), so an edited field (a head count, say) is refused rather than loaded into a
-model it does not describe. Format 1 (without it) loads as before; a newer format is refused.
+model it does not describe. Format 1 (without it) loads as before; a newer format is refused. So the
+checksums catch accidental damage, not a deliberate edit (one that also sets the format to 1 loads);
+what keeps a checkpoint from running code is that nothing in it is unpickled.
 `load(path)` finds the checkpoint in a run directory (`picollm.rundir`) or fetches it
 from the hub (`picollm.hub`).
 """

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from picollm.data.prepared import SPLITS
 from picollm.errors import check
 from picollm.models.registry import model_config_from_dict, preset_fields
 
@@ -88,7 +89,7 @@ class TrainConfig:
     eval_batches: int = 16  # size of the fixed validation subset used during training
     full_val_at: list[float] = field(default_factory=list)  # fractions of the steps at which the FULL val split
     # is evaluated too (rows of kind "eval_full" in metrics.jsonl; the study's verdicts during training)
-    final_splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])  # scored in summary.json
+    final_splits: list[str] = field(default_factory=lambda: list(SPLITS))  # scored in summary.json
     eval_batch_size: int | None = None  # default: batch_size
     ckpt_interval: int = 1000  # steps; 0 = only at the end
     keep_last: int = 2
@@ -120,8 +121,8 @@ class TrainConfig:
               and len(set(self.lr_grid)) == len(self.lr_grid), "train.lr_grid",
               f"give two or more different positive rates, e.g. [1e-3, 3e-3, 1e-2, 3e-2], got {self.lr_grid}")
         check(0 < self.lr_sweep_fraction <= 1, "train.lr_sweep_fraction", "must be in (0, 1]")
-        check(bool(self.final_splits) and all(x in ("train", "val", "test") for x in self.final_splits),
-              "train.final_splits", f"name one or more of train, val, test, got {self.final_splits}")
+        check(bool(self.final_splits) and all(x in SPLITS for x in self.final_splits),
+              "train.final_splits", f"name one or more of {', '.join(SPLITS)}, got {self.final_splits}")
         check(all(0 < f < 1 for f in self.full_val_at), "train.full_val_at",
               f"give fractions of the run strictly between 0 and 1 (the end is always evaluated), "
               f"got {self.full_val_at}")

@@ -2,7 +2,8 @@
 
 Every file picollm writes for later (checkpoints, run files, the prepared-data cache) goes through a
 hidden temporary sibling and a rename, so a kill at any moment leaves either the previous complete
-file or directory or the new complete one, never a half-written one. A full disk while writing is a
+file or directory or the new complete one, never a half-written one (a directory being replaced may be
+left under its hidden `.NAME.old` name, which the next write puts back). A full disk while writing is a
 `DiskFullError` (a `UserError`) that names the place and says that nothing was replaced.
 
 `check_writable_dir` and `check_writable_file` say, before any work starts, that an output path cannot
@@ -128,14 +129,42 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def moved_aside(directory: Path) -> Path:
+    """Where `write_dir_atomic` keeps the directory it replaces until the new one is in place:
+    `.<name>.old` beside it."""
+    return directory.with_name(f".{directory.name}.old")
+
+
+def finish_replacement(directory: Path) -> None:
+    """Finish a replacement of `directory` that a kill interrupted (`write_dir_atomic`): when only its
+    moved-aside copy `.<name>.old` is left, that copy (the last complete directory) goes back under the
+    name; when both are there, the new one was already in place and the copy is deleted.
+
+    Only the writer of `directory` calls it, holding whatever lock keeps other writers out: done while
+    another process is between the two renames of a replacement, it would make that one fail. Readers
+    find a lone copy with `moved_aside` instead (`picollm.rundir.model_dir` does).
+    """
+    old = moved_aside(directory)
+    if not old.is_dir():
+        return
+    if directory.exists():
+        shutil.rmtree(old)
+    else:
+        os.replace(old, directory)
+
+
 def write_dir_atomic(directory: Path, fill: Callable[[Path], None]) -> Path:
     """Call `fill(tmp_dir)` then move `tmp_dir` to `directory`, replacing an existing one.
 
     The temporary directory is `.<name>.<random>.tmp` beside `directory`: a kill leaves only such a
-    hidden directory behind, which the next writer of the same place may delete.
+    hidden directory behind, which the next writer of the same place may delete. An existing
+    `directory` is replaced by two renames, the old one to `.<name>.old` (`moved_aside`) and the new one
+    into place, so at every moment either `directory` is there, old or new and complete, or `.<name>.old`
+    holds the old one; a replacement a kill interrupted is finished first (`finish_replacement`).
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    finish_replacement(directory)
     try:
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     except OSError as exc:
@@ -149,10 +178,9 @@ def write_dir_atomic(directory: Path, fill: Callable[[Path], None]) -> Path:
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
         if directory.exists():
-            # rename the old one away first: the swap is two renames, and no moment has neither
-            old = directory.with_name(f".{directory.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
+            # a directory cannot be renamed over a non-empty one: move the old one aside first. Between
+            # the two renames only `old` holds a complete directory (finish_replacement restores it).
+            old = moved_aside(directory)
             os.replace(directory, old)
             os.replace(tmp, directory)
             shutil.rmtree(old)
@@ -161,6 +189,8 @@ def write_dir_atomic(directory: Path, fill: Callable[[Path], None]) -> Path:
         fsync_dir(directory.parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not directory.exists():  # the second rename failed: the old one goes back
+            finish_replacement(directory)
         if is_disk_full(exc):
             kept = f"the existing {directory.name} is unchanged" if directory.exists() else "nothing was left behind"
             raise DiskFullError(f"no space left on device in {directory.parent} while writing {directory.name}; "

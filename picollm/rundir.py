@@ -42,7 +42,7 @@ import yaml
 from picollm._version import __version__
 from picollm.config import RunConfig, from_dict, load_yaml, to_dict
 from picollm.errors import UserError
-from picollm.fileio import write_json_atomic, write_text_atomic
+from picollm.fileio import finish_replacement, moved_aside, write_json_atomic, write_text_atomic
 
 CONFIG = "config.yaml"
 ENVIRONMENT = "environment.json"
@@ -54,6 +54,10 @@ CHECKPOINTS = "checkpoints"
 BEST = "best"
 FINAL = "final"
 STUDY = "study.json"  # a study directory's record (picollm.study.plan writes it)
+SWEEP_DIR = "lr_sweep"  # the lr sweep's runs: <out>/lr_sweep/ of a run, <study>/lr_sweep/<model>/ of a study
+REPORT_DIR = "report"  # a study's report: <study>/report/ holds REPORT_HTML and REPORT_MD (+ plots)
+REPORT_HTML = "index.html"  # a report, self-contained (images embedded)
+REPORT_MD = "report.md"  # the same report in Markdown, next to its PNGs
 LOCK = "train.lock"
 HISTORY = "history.jsonl"
 DISCARDED = "discarded"
@@ -223,7 +227,9 @@ def checkpoint_dirs(out: Path) -> list[Path]:
 
 
 def remove_partial_writes(out: Path) -> None:
-    """Delete the temporaries left by a kill during an atomic write; they were never visible."""
+    """Delete the temporaries left by a kill during an atomic write (they were never visible), and finish
+    the replacements of a directory (best/, final/, a checkpoint) that a kill interrupted. Called by the
+    training that holds the run's lock, before it writes."""
     for parent in (out, out / CHECKPOINTS):
         if parent.is_dir():
             for tmp in parent.glob(".*.tmp"):
@@ -231,6 +237,8 @@ def remove_partial_writes(out: Path) -> None:
                     shutil.rmtree(tmp, ignore_errors=True)
                 else:
                     tmp.unlink(missing_ok=True)
+            for old in parent.glob(".*.old"):
+                finish_replacement(parent / old.name.removeprefix(".").removesuffix(".old"))
 
 
 def clear_outputs(out: Path) -> None:
@@ -247,7 +255,7 @@ def find_run_dir(path: str | Path) -> Path | None:
     """The run directory that `path` is or holds a checkpoint of (it contains config.yaml), or None."""
     here = Path(path).expanduser()
     candidates = [here]
-    if here.name in (FINAL, BEST):
+    if here.name in (FINAL, BEST, moved_aside(here.parent / FINAL).name, moved_aside(here.parent / BEST).name):
         candidates.append(here.parent)
     if here.parent.name == CHECKPOINTS:
         candidates.append(here.parent.parent)
@@ -271,7 +279,9 @@ def _instead(run: Path, damaged: Path) -> str:
 def model_dir(directory: Path) -> Path:
     """The model directory that `directory` is or holds: itself, else a run's final model, then the
     best by validation loss, then the latest periodic checkpoint. A final/ or best/ that is there but
-    damaged is a UserError naming it and what to use instead (never silently another model)."""
+    damaged is a UserError naming it and what to use instead (never silently another model). A final/
+    or best/ whose replacement a kill interrupted is read where it was moved aside (`.final.old`); the
+    run's next training puts it back (reading never moves it: a training may be replacing it now)."""
     if (directory / MODEL_CONFIG).is_file():
         return directory
     for candidate in (directory / FINAL, directory / BEST):
@@ -279,6 +289,8 @@ def model_dir(directory: Path) -> Path:
             return candidate
         if candidate.exists():  # written atomically, so never incomplete by a kill: damaged since
             raise UserError(f"{candidate} is damaged ({MODEL_CONFIG} is missing); {_instead(directory, candidate)}")
+        if (moved_aside(candidate) / MODEL_CONFIG).is_file():
+            return moved_aside(candidate)
     periodic = [p for p in checkpoint_dirs(directory) if (p / MODEL_CONFIG).is_file()]
     if periodic:
         return periodic[-1]

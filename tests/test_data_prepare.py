@@ -12,6 +12,7 @@ import pytest
 from picollm.baselines import baselines_for, cached_baselines
 from picollm.cli import main
 from picollm.config import DataConfig
+from picollm.data import build as build_mod
 from picollm.data import prepare as prepare_mod
 from picollm.data.loader import seeded_permutation
 from picollm.data.prepare import PreparedData, assign_splits, cache_path, prepare, split_sizes
@@ -124,7 +125,7 @@ def test_split_determinism_and_sample(corpus: Path, tmp_path: Path) -> None:
 
 
 def test_workers_match_in_process(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(prepare_mod, "CHUNK_BYTES", 500)  # many chunks, so two workers both get work
+    monkeypatch.setattr(build_mod, "CHUNK_BYTES", 500)  # many chunks, so two workers both get work
     one = prepare(_cfg(corpus, tmp_path / "one", num_proc=1), progress=False)
     two = prepare(_cfg(corpus, tmp_path / "two", num_proc=2), progress=False)
     assert (one.meta["num_proc"], two.meta["num_proc"]) == (1, 2)
@@ -140,8 +141,8 @@ def test_cache_reuse_and_corrupt_rebuild(corpus: Path, cache_dir: Path,
     assert not first.cached
     meta_mtime = (first.directory / "meta.json").stat().st_mtime_ns
     builds = []
-    real_build = prepare_mod._build
-    monkeypatch.setattr(prepare_mod, "_build", lambda *a: builds.append(1) or real_build(*a))
+    real_build = prepare_mod.build_prepared
+    monkeypatch.setattr(prepare_mod, "build_prepared", lambda *a: builds.append(1) or real_build(*a))
 
     again = prepare(_cfg(corpus, cache_dir, num_proc=1), progress=False)  # num_proc is not in the key
     assert again.cached and builds == [] and again.directory == first.directory
@@ -173,14 +174,14 @@ def test_cache_reuse_and_corrupt_rebuild(corpus: Path, cache_dir: Path,
 def test_bpe_trains_on_train_split_only(corpus: Path, cache_dir: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[str] = []
-    real_train = prepare_mod.train_bpe
+    real_train = build_mod.train_bpe
 
     def spy(texts, vocab_size):
         texts = list(texts)
         seen.extend(texts)
         return real_train(texts, vocab_size)
 
-    monkeypatch.setattr(prepare_mod, "train_bpe", spy)
+    monkeypatch.setattr(build_mod, "train_bpe", spy)
     data = prepare(_cfg(corpus, cache_dir, tokenizer="bpe:300"), progress=False)
     stories = list(iter_stories(str(corpus)))
     manifest = json.loads((data.directory / "manifest.json").read_text())

@@ -8,6 +8,7 @@ reads them: a function-level import does not remove a cycle, it only postpones i
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,6 +22,21 @@ LAZY_ALLOWED: dict[str, str] = {
     "picollm/commands/*": "lazy verb loading",
     # the transformers model code (imports transformers, an optional extra) is loaded only by --verify
     "picollm/export/verify.py": "optional transformers",
+}
+
+# Function-level imports of other packages that are allowed anywhere: dependencies that are optional
+# (extras) or slow to import and needed by few paths. The standard library, yaml, numpy, torch, tokenizers
+# and the like are imported at the top of the module; the commands (lazy verb loading) may import any
+# non-standard-library package inside `run`.
+LAZY_PACKAGES: dict[str, str] = {
+    "transformers": "the hf extra",
+    "fastapi": "the serve extra",
+    "uvicorn": "the serve extra",
+    "wandb": "the wandb extra",
+    "datasets": "slow to import; only hf: sources",
+    "huggingface_hub": "slow to import; only hub ids",
+    "pyarrow": "only parquet sources",
+    "matplotlib": "slow to import; only the report's plots",
 }
 
 
@@ -146,6 +162,34 @@ def test_no_function_level_imports_of_picollm_modules_outside_the_allow_list():
     unexpected = [entry for entry in lazy if not _allowed(entry)]
     assert not unexpected, "function-level imports of picollm modules (import them at the top):\n" + \
         "\n".join(unexpected)
+
+
+def lazy_package_imports(root: Path) -> list[tuple[str, str]]:
+    """(file:line, top-level package) for each function-level import of a module outside the package."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        in_function = _enclosing_function(tree)
+        for node in ast.walk(tree):
+            if not in_function.get(node) or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            if isinstance(node, ast.ImportFrom) and node.level:
+                continue
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            for name in names:
+                top = name.split(".")[0]
+                if top != root.name:
+                    found.append((f"{path.relative_to(root.parent)}:{node.lineno}", top))
+    return found
+
+
+def test_function_level_imports_of_other_packages_are_only_of_optional_or_slow_ones():
+    found = lazy_package_imports(PACKAGE)
+    assert any(top == "transformers" for _, top in found)  # the scan sees function bodies
+    unexpected = [f"{where} imports {top}" for where, top in found
+                  if top not in LAZY_PACKAGES
+                  and not (where.startswith("picollm/commands/") and top not in sys.stdlib_module_names)]
+    assert not unexpected, "function-level imports (import them at the top of the module):\n" + "\n".join(unexpected)
 
 
 def test_the_scan_finds_a_cycle_hidden_in_a_function_and_one_through_the_package_root(tmp_path):

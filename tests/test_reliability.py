@@ -762,7 +762,7 @@ def test_full_disk_is_a_clear_error_and_the_last_checkpoint_survives(tmp_path, d
 
 @pytest.mark.parametrize("disk", ["tmpfs", "patched writer"])
 def test_full_data_cache_is_a_clear_error(tmp_path, sample_path, monkeypatch, capsys, disk):
-    import picollm.data.prepare as prepare_module
+    import picollm.data.build as build_module
 
     cache = tmp_path / "cache"
     mounted = disk == "tmpfs" and _mount_tmpfs(cache, 64 * 1024)
@@ -781,7 +781,7 @@ def test_full_data_cache_is_a_clear_error(tmp_path, sample_path, monkeypatch, ca
                 return Full()
             return handle
 
-        monkeypatch.setattr(prepare_module, "open", full_open, raising=False)  # shadows the builtin there
+        monkeypatch.setattr(build_module, "open", full_open, raising=False)  # shadows the builtin there
     try:
         code, out, err = run_cli(capsys, "prepare", "--data", str(sample_path), "--num-stories", "300",
                                  "--tokenizer", "bpe:300", "--num-proc", "1", "--cache-dir", str(cache))

@@ -7,6 +7,7 @@ See `picollm/bench/` for what is measured and docs/performance.md for the latest
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from picollm.bench.options import FAMILIES, PARTS, VOCABS, Options, quick_options
@@ -87,8 +88,6 @@ def options_from_args(args: argparse.Namespace) -> Options:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     import torch
 
     from picollm.bench.markdown import markdown

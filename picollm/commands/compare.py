@@ -14,6 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from picollm import rundir
     from picollm.fileio import check_writable_dir
     from picollm.study.report import write_report
     from picollm.study.results import results_from_runs
@@ -21,5 +22,5 @@ def run(args: argparse.Namespace) -> int:
     check_writable_dir(args.out, "--out")
     results = results_from_runs(args.runs, title=args.title)
     index = write_report(results, args.out, findings=False)
-    print(f"report: {index} (and {index.with_name('report.md')})", file=sys.stderr)
+    print(f"report: {index} (and {index.with_name(rundir.REPORT_MD)})", file=sys.stderr)
     return 0

@@ -70,14 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     from picollm.checkpoint import load_model, resolve_checkpoint
     from picollm.device import resolve_device
-    from picollm.evaluation import (
-        diversity_eval,
-        evaluate_tokens,
-        parse_strategies,
-        prepared_for_run,
-        story_prompts,
-        stream_from_file,
-    )
+    from picollm.diversity_eval import diversity_eval, parse_strategies, story_prompts
+    from picollm.evaluation import evaluate_tokens, prepared_for_run, stream_from_file
     from picollm.generation import check_generation_args
     from picollm.rundir import find_run_dir
 

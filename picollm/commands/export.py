@@ -8,6 +8,7 @@ Transformer that is exactly GPT-2 becomes a native GPT2LMHeadModel; every other 
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from picollm.export.hf import export_hf
 
     out = export_hf(args.model, args.out, dtype=args.dtype, force=args.force, layout=args.layout,

@@ -79,7 +79,8 @@ def summary(data: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from picollm.data.prepare import SPLITS, prepare
+    from picollm.data.prepare import prepare
+    from picollm.data.prepared import SPLITS
 
     cfg = config_from_args(args)
     data = prepare(cfg, progress=sys.stderr.isatty())

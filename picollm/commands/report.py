@@ -13,16 +13,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
+    from picollm import rundir
     from picollm.fileio import check_writable_dir
-    from picollm.study.report import REPORT_DIR, write_report
+    from picollm.study.report import write_report
     from picollm.study.results import load_results
 
     directory = Path(args.directory)
     if args.out:
         out = check_writable_dir(args.out, "--out")
     else:
-        out = check_writable_dir(directory / REPORT_DIR, "the report directory", "pass another with --out")
+        out = check_writable_dir(directory / rundir.REPORT_DIR, "the report directory", "pass another with --out")
     index = write_report(load_results(directory), out)
-    print(f"report: {index} (and {index.with_name('report.md')})", file=sys.stderr)
+    print(f"report: {index} (and {index.with_name(rundir.REPORT_MD)})", file=sys.stderr)
     return 0

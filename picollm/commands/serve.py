@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 DEFAULT_PORT = 8000
 
@@ -50,8 +51,6 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     from picollm.errors import UserError
 
     _check(args)

@@ -54,6 +54,7 @@ def parse_grid(items: list[str]) -> dict[str, list]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from picollm import rundir
     from picollm.commands.train import parse_overrides
     from picollm.fileio import check_writable_dir
     from picollm.study.dryrun import dry_run_rows, format_dry_run
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     outcome = run_plan(plan, jobs=jobs, progress=not args.no_progress)
     if not args.no_report:
         index = build_study_report(plan.out)
-        print(f"[study] report: {index} (and {index.with_name('report.md')})", file=sys.stderr)
+        print(f"[study] report: {index} (and {index.with_name(rundir.REPORT_MD)})", file=sys.stderr)
     if outcome["failures"]:
         for run_id, error in outcome["failures"].items():
             print(f"[study] run {plan.runs[run_id].label} failed: {error}", file=sys.stderr)

@@ -12,6 +12,10 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+import yaml
+
+from picollm.data.prepared import SPLITS
+
 TEMPLATE = Path(__file__).parent / "card.md"
 PROMPT = "Once upon a time"
 FAMILY_NAMES = {"lstm": "LSTM", "kgram": "k-gram MLP", "transformer": "Transformer"}
@@ -94,8 +98,6 @@ def _recipe_section(recipe: dict[str, Any]) -> str:
     train = recipe.get("train") if isinstance(recipe.get("train"), dict) else None
     if not train:
         return "Not recorded: this export was made from a checkpoint directory without its run."
-    import yaml
-
     return "The `train` section of the run's config (`picollm train --config`):\n\n```yaml\n" + \
         yaml.safe_dump(train, sort_keys=False).rstrip() + "\n```"
 
@@ -107,7 +109,7 @@ def _number(value: Any, digits: int) -> str:
 
 
 def _metrics_section(summary: dict[str, Any], section: dict[str, Any], final: bool) -> str:
-    rows = [(split, summary[split]) for split in ("train", "val", "test") if isinstance(summary.get(split), dict)]
+    rows = [(split, summary[split]) for split in SPLITS if isinstance(summary.get(split), dict)]
     if not final or not rows:
         where = f"step {section['step']}" if "step" in section else "a checkpoint"
         val = f", validation loss {_number(section.get('val_loss'), 4)} nats/token" \

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from picollm import rundir
@@ -139,8 +141,6 @@ def layout_for(spec: dict[str, Any], requested: str) -> str:
 
 def run_info(source: Source) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the run's recipe, its final metrics when the export is the run's final model) for the model card."""
-    import yaml
-
     recipe: dict[str, Any] = {}
     summary: dict[str, Any] = {}
     if source.run is not None:
@@ -219,8 +219,6 @@ def export_hf(path: str | Path, out: str | Path, dtype: str = "fp32", force: boo
 
 def push(path: str | Path, repo_id: str, private: bool = False, dtype: str = "fp32") -> str:
     """`picollm push`: export the checkpoint (or finished run) at `path` and upload it to `repo_id`."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_hf(path, Path(tmp) / "export", dtype=dtype, repo_id=repo_id)
         return upload(folder, repo_id, private=private)

@@ -18,6 +18,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken, decoders, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import BPE
+
 from picollm.data import tokenizer as tok
 from picollm.data.tokenizer import EOT, BPETokenizer, GPT2Tokenizer, Tokenizer, parse_spec
 from picollm.errors import UserError
@@ -43,8 +47,6 @@ def _gpt2_source_files() -> tuple[Path, Path]:
 
 def _with_eot_prefix(hf_tokenizer: Any, eot_id: int) -> Any:
     """The `tokenizers` tokenizer with end-of-text as a special token put before every text."""
-    from tokenizers import AddedToken, processors
-
     hf_tokenizer.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
     hf_tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{EOT} $A", pair=f"{EOT} $A {EOT} $B:1", special_tokens=[(EOT, eot_id)])
@@ -53,10 +55,6 @@ def _with_eot_prefix(hf_tokenizer: Any, eot_id: int) -> Any:
 
 def write_tokenizer_files(tokenizer: Tokenizer, directory: Path, context_length: int) -> list[str]:
     """Write the tokenizer's transformers files into `directory`; returns their names."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, pre_tokenizers
-    from tokenizers.models import BPE
-
     kind, _ = parse_spec(tokenizer.name)
     names = [TOKENIZER_JSON, TOKENIZER_CONFIG]
     if kind == "gpt2":
@@ -108,8 +106,6 @@ def _foreign(hf_tokenizer: Any, digest: str, source: Path) -> Tokenizer:
 def read_tokenizer(directory: Path, spec: str | None) -> Tokenizer | None:
     """picollm's tokenizer for a transformers-layout directory: `spec` (from the picollm section of the
     directory's config.json) when picollm wrote it; detected from the files otherwise (None: no files)."""
-    from tokenizers import Tokenizer as HFTokenizer
-
     if spec is not None:
         kind, _ = parse_spec(spec)
         if kind == "gpt2":
@@ -128,9 +124,6 @@ def read_tokenizer(directory: Path, spec: str | None) -> Tokenizer | None:
             vocab, merges = json.loads(vocab_bytes), _merge_lines(merges_bytes.decode("utf-8"))
             if _same_as_gpt2(vocab, merges):
                 return GPT2Tokenizer()
-            from tokenizers import decoders, pre_tokenizers
-            from tokenizers.models import BPE
-
             hf = HFTokenizer(BPE.from_file(str(vocab_path), str(merges_path)))
             hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
             hf.decoder = decoders.ByteLevel()

@@ -8,6 +8,7 @@ the export copied), never by running the copies in the directory, so no remote c
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -38,8 +39,6 @@ def _load(directory: Path, layout: str, family: str) -> torch.nn.Module:
 
 def verify_export(directory: Path, model: torch.nn.Module, dtype: str) -> None:
     """Raise (a bug: exit 1) unless transformers' logits and token ids equal picollm's for the card's prompt."""
-    import json
-
     section = json.loads((directory / "config.json").read_text(encoding="utf-8"))["picollm"]
     hf_model = _load(directory, section["layout"], section["model"]["family"]).eval()
     tokenizer = getattr(model, "tokenizer", None)

@@ -38,7 +38,7 @@ class Study:
 
     @property
     def report(self) -> Path | None:
-        path = self.directory / "report" / "index.html"
+        path = self.directory / rundir.REPORT_DIR / rundir.REPORT_HTML
         return path if path.is_file() else None
 
 

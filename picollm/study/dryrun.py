@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from picollm.config import RunConfig, from_dict
+from picollm.data.prepared import SPLITS
 from picollm.schema import flatten_keys
 from picollm.study.evals import run_is_finished
 from picollm.study.plan import StudyPlan, prepared_for
@@ -72,7 +73,7 @@ def dry_run_rows(plan: StudyPlan, jobs: int = 1) -> list[dict[str, Any]]:
                 measured[key] = dry_run(lr_search.timing_config(from_dict(RunConfig, config)))
             info = measured[key]
             prep = prepared_for(plan, run.config)
-            split_tokens = {s: prep.num_tokens(s) for s in ("train", "val", "test")}
+            split_tokens = {s: prep.num_tokens(s) for s in SPLITS}
             cfg = from_dict(RunConfig, run.config)
             est = job_seconds(cfg, info["steps"], info["step_seconds"], split_tokens, sweep=False)
             rows.append({**info, "kind": "run", "run": run.label, "seed": run.seed, "dir": run.directory.name,
@@ -83,7 +84,7 @@ def dry_run_rows(plan: StudyPlan, jobs: int = 1) -> list[dict[str, Any]]:
             info = runs_by_id[sweep.runs[0]]
             cfg = from_dict(RunConfig, sweep.config)
             prep = prepared_for(plan, sweep.config)
-            split_tokens = {s: prep.num_tokens(s) for s in ("train", "val", "test")}
+            split_tokens = {s: prep.num_tokens(s) for s in SPLITS}
             points = [(lr, sweep.fraction) for lr in sweep.grid]  # and the runs beyond it already on disk
             for run_dir in sorted(sweep.directory.glob("f*/lr-*")):
                 point = (float(run_dir.name[3:]), float(run_dir.parent.name[1:]))

@@ -13,8 +13,9 @@ from typing import Any
 from picollm import rundir
 from picollm.checkpoint import load
 from picollm.config import to_dict
+from picollm.diversity_eval import diversity_eval, story_prompts
 from picollm.errors import UserError
-from picollm.evaluation import diversity_eval, prepared_for_run, story_prompts
+from picollm.evaluation import prepared_for_run
 from picollm.fileio import write_json_atomic
 from picollm.generation import generate
 from picollm.study.spec import EvalSpec

@@ -31,9 +31,9 @@ from picollm.study.verdicts import (
     UNCHECKED,
     Check,
     Finding,
-    _fmt,
     combine,
     compare,
+    format_measurement,
 )
 
 __all__ = ["AGREES", "DISAGREES", "INCONCLUSIVE", "NOISE", "NOT_SETTLED", "UNCHECKED", "Check", "Finding",
@@ -75,15 +75,16 @@ class Checker:
         else:
             tolerance = self.loss_tol if unit == "nats" else self.distinct_tol
         key = f"{what}: {a_name} vs {b_name}"
-        text = f"{what}: {a_name} {_fmt(a.mean, unit)} vs {b_name} {_fmt(b.mean, unit)}"
+        text = (f"{what}: {a_name} {format_measurement(a.mean, unit)} "
+                f"vs {b_name} {format_measurement(b.mean, unit)}")
         note = _below_bigram(uses)
         untrained = [e.label for e in uses if e.untrained]
         if untrained:
             return Check(key, text, INCONCLUSIVE, untrained=sorted(set(untrained)), note=note)
         verdict, n = compare(a, b, tolerance)
         if n.se is not None:  # seeds: the threshold, as a student recomputes it
-            text += f", threshold max({_fmt(tolerance, unit)}, {n.k:.2f} × SE {_fmt(n.se, unit)}) = " \
-                    f"{_fmt(n.threshold, unit)}"
+            text += (f", threshold max({format_measurement(tolerance, unit)}, "
+                     f"{n.k:.2f} × SE {format_measurement(n.se, unit)}) = {format_measurement(n.threshold, unit)}")
         return Check(key, text, verdict, note=note)
 
     # -- helpers --------------------------------------------------------------------------------

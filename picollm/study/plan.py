@@ -38,7 +38,6 @@ from picollm.training.lr_search import RULE, planned_steps
 from picollm.training.setup import plan_for
 
 STUDY_FORMAT = 2
-SWEEP_DIR = "lr_sweep"
 
 # keys that say how a run is carried out, not what is trained: left out of the run identity
 NOT_IDENTITY = {
@@ -211,7 +210,7 @@ def plan_study(spec: StudySpec, out: str | Path, budget: str | None = None, seed
     settings = eval_settings(spec, budget)
     plan = StudyPlan(spec, budget, [], out, [], {}, settings, budget_changes(spec, budget), tune=tuning)
     existing = _existing(out / "runs")
-    existing_sweeps = _existing(out / SWEEP_DIR)
+    existing_sweeps = _existing(out / rundir.SWEEP_DIR)
     first_seed = min((r.seed for pg in planned for r in pg.runs), default=0)
     for pg in planned:
         entries: dict[str, dict[str, Any]] = {}
@@ -246,7 +245,7 @@ def plan_study(spec: StudySpec, out: str | Path, budget: str | None = None, seed
                 first_id = run_identity(first)
                 known = next((s.directory for s in plan.sweeps.values() if s.key.endswith(f"-{first_id}")), None)
                 sweep_dir = known or existing_sweeps.get(first_id,
-                                                         out / SWEEP_DIR / f"{_slug(run.label)}-{first_id}")
+                                                         out / rundir.SWEEP_DIR / f"{_slug(run.label)}-{first_id}")
                 config.train.lr_sweep_dir = str(sweep_dir)
                 sweep_key = sweep_dir.name
                 if sweep_key not in plan.sweeps:

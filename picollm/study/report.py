@@ -7,13 +7,12 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
+from picollm import rundir
 from picollm.study.document import Document, Section
 from picollm.study.findings import check_claims
 from picollm.study.render import render_html, render_markdown
 from picollm.study.results import StudyResults, load_results
 from picollm.study.sections import budget_section, findings_section, group_section, lr_section, runs_section
-
-REPORT_DIR = "report"
 
 
 def _tolerance_note(results: StudyResults) -> str:
@@ -60,8 +59,8 @@ def write_report(results: StudyResults, out_dir: str | Path, findings: bool = Tr
     for old in image_dir.glob("*.png"):
         old.unlink()
     doc = build_document(results, image_dir, findings=findings)
-    (out_dir / "report.md").write_text(render_markdown(doc, out_dir), encoding="utf-8")
-    index = out_dir / "index.html"
+    (out_dir / rundir.REPORT_MD).write_text(render_markdown(doc, out_dir), encoding="utf-8")
+    index = out_dir / rundir.REPORT_HTML
     index.write_text(render_html(doc), encoding="utf-8")
     return index
 
@@ -69,4 +68,4 @@ def write_report(results: StudyResults, out_dir: str | Path, findings: bool = Tr
 def build_study_report(study_dir: str | Path) -> Path:
     """`picollm report DIR`: the report of a study directory, from its logs."""
     study_dir = Path(study_dir)
-    return write_report(load_results(study_dir), study_dir / REPORT_DIR)
+    return write_report(load_results(study_dir), study_dir / rundir.REPORT_DIR)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import multiprocessing
 import os
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +82,6 @@ def run_sweep_point(config: dict[str, Any], lr: float, length: float, total_step
 
 def _gpu_count() -> int:
     try:
-        import torch
-
         return torch.cuda.device_count()
     except Exception:  # noqa: BLE001 - no usable CUDA
         return 0
@@ -154,9 +154,6 @@ def _call(job: Job, settings: dict[str, Any], device: str | None, threads: int |
 
 def _execute(plan: StudyPlan, schedule: Schedule, display: Progress, jobs: int, failures: dict[str, str]) -> bool:
     """Run the schedule's jobs, `jobs` at a time (in this process when 1); True when interrupted."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-
     settings = to_dict(plan.eval)
     devices = devices_for(jobs)
     threads = None if devices[0] is not None or jobs == 1 else max(1, (os.cpu_count() or 1) // jobs)

@@ -162,7 +162,9 @@ class Finding:
         return "; ".join(parts)
 
 
-def _fmt(x: float | None, unit: str) -> str:
+def format_measurement(x: float | None, unit: str) -> str:
+    """A measured value as a finding's text shows it: a token count whole with thousands separators,
+    anything else to three decimals, a missing one as a dash."""
     if x is None:
         return "—"
     if unit == "tokens":

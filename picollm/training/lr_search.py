@@ -117,7 +117,7 @@ def decide(rounds: dict[float, dict[float, float]], grid: list[float], fraction:
 
 def sweep_dir(cfg: RunConfig) -> Path:
     t = cfg.train
-    return Path(t.lr_sweep_dir).expanduser() if t.lr_sweep_dir else Path(cfg.out) / "lr_sweep"
+    return Path(t.lr_sweep_dir).expanduser() if t.lr_sweep_dir else Path(cfg.out) / rundir.SWEEP_DIR
 
 
 def point_dir(cfg: RunConfig, lr: float, length: float) -> Path:
