@@ -472,6 +472,7 @@ def test_learning_rates_equal_compute_and_single_seed_notice(tmp_path, monkeypat
     # the lr sweeps: a plot and a table with every model's losses and chosen rate
     lrs = sections["learning-rates"]
     assert len(lrs["images"]) == 1
+    assert "peak rate (dotted: the unigram and bigram baselines)" in md  # one data: its baselines are drawn
     chosen = {r[0]: r[-1] for r in lrs["tables"][0][1:]}
     assert len(chosen) == 23 and chosen["lstm-tiny"] == "0.03 (edge)" and chosen["lstm-pico"] == "0.003"
     assert "lr at grid edge: lstm-tiny" in md

@@ -3,6 +3,7 @@ group, and the runs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from picollm.study import plots
@@ -84,9 +85,13 @@ def lr_section(results: StudyResults, image_dir: Path) -> Section | None:
         "ranking is noise), the sweep is repeated with runs twice as long, up to the whole run. The seeds of a "
         "model share its sweep. Every model is tuned the same way, so no family is held back by a rate that "
         "suits another.")
-    img = plots.lr_plot(sweeps, image_dir / "lr-sweeps.png")
+    # the baselines as reference lines, when every sweep ran on the same data (else no single line is right)
+    baselines = {json.dumps(s["baseline"], sort_keys=True) for s in sweeps}
+    baseline = sweeps[0]["baseline"] if len(baselines) == 1 else None
+    img = plots.lr_plot(sweeps, image_dir / "lr-sweeps.png", baseline)
     if img:
-        sec.blocks.append(Image(img, "Learning-rate sweeps: final validation loss against the peak rate"))
+        lines = " (dotted: the unigram and bigram baselines)" if baseline else ""
+        sec.blocks.append(Image(img, f"Learning-rate sweeps: final validation loss against the peak rate{lines}"))
     sec.blocks.append(lr_table(results, sweeps))
     longer = [f"{s['label']} ({s['length']:g})" for s in sweeps if s.get("length", s["fraction"]) != s["fraction"]]
     if longer:
