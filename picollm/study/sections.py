@@ -39,6 +39,8 @@ def budget_section(results: StudyResults) -> Section:
     if rec.get("tune"):
         sec.blocks.append("Learning rate: chosen per model by an lr sweep (train.lr auto; see Learning rates); "
                           "with --no-tune every run trains at the fixed train.lr above.")
+    elif rec.get("no_tune"):
+        sec.blocks.append(_no_tune_text(results))
     # what it came to: tokens, epochs, vocabulary, context
     runs = [r for r in results.runs() if r.finished]
     if runs:
@@ -62,6 +64,27 @@ def budget_section(results: StudyResults) -> Section:
             + (f", and {sum(len(s['losses']) for s in sweeps)} lr sweep runs for {len(sweeps)} models took "
                f"{sweep_wall / 60:.1f} minutes" if sweeps else "") + ".")
     return sec
+
+
+def _no_tune_text(results: StudyResults) -> str:
+    """What --no-tune did: no sweep, and the fixed rates the runs trained at."""
+    rates: set[float] = set()
+    for r in results.runs():  # the rate summary.json records, else the config's (a run not finished yet)
+        lr = (r.summary or {}).get("lr", (r.config.get("train") or {}).get("lr"))
+        if isinstance(lr, int | float):
+            rates.add(float(lr))
+    shown = ", ".join(fmt_value(lr, "lr") for lr in sorted(rates)) or "—"
+    text = (f"Learning rate: not tuned (--no-tune): no lr sweep ran, and every run trained at a fixed peak rate "
+            f"({shown}; the lr column of the results tables gives each run's).")
+    untuned: dict[str, float] = results.record.get("untuned") or {}
+    if untuned:
+        by_rate: dict[float, list[str]] = {}
+        for label, lr in untuned.items():
+            by_rate.setdefault(lr, []).append(label)
+        text += (" Some runs asked for train.lr auto (in the study file or on the command line); under --no-tune "
+                 "they trained at the fixed rate instead: " + "; ".join(f"{fmt_value(lr, 'lr')} for {', '.join(labels)}"
+                                                for lr, labels in by_rate.items()) + ".")
+    return text
 
 
 def _range(values: list[float], kind: str) -> str:
