@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, metavar="K",
                         help="repeat every run with K seeds (default: the budget's; quick: 2)")
     parser.add_argument("--no-tune", action="store_true",
-                        help="no lr sweeps: every run trains at the budget's fixed learning rate (quick: 5e-3)")
+                        help="no lr sweep at all: every run trains at a fixed rate, and a train.lr auto (study "
+                             "file or --train.lr) becomes the rate the run would have without it: the budget's "
+                             "train.lr (quick: 5e-3), else base's, else 3e-4")
     parser.add_argument("--only", metavar="NAMES",
                         help="comma-separated groups (a selecting group brings the groups it selects from) or "
                              "run labels / patterns, e.g. --only size or --only 'kgram-pico-*,lstm-tiny'")
