@@ -148,6 +148,14 @@ ROWS = [
     bad("train", "--resume {tmp}/nothing", "{tmp}/nothing", "config.yaml is missing"),
     bad("train", "--resume {copy} --dry-run", "--dry-run", world="finished"),
     bad("train", "--config {config} --device tpu", "tpu"),
+    # --no-tune: never an lr sweep; one run has no fixed rate to put in place of auto, so auto is refused
+    ok("train", "--config {config} --no-tune --dry-run", "est_seconds"),
+    bad("train", "--config {config} --train.lr auto --no-tune", "--no-tune and --train.lr auto contradict",
+        "--train.lr 3e-3"),
+    bad("train", "--config {tmp}/auto.yaml --no-tune --dry-run", "train.lr auto in {tmp}/auto.yaml", "--no-tune",
+        world="auto_config"),
+    bad("train", "--resume {copy} --no-tune", "train.lr auto in {copy}/config.yaml", "--train.lr 3e-3",
+        world="sweeping"),
     # --- eval ---------------------------------------------------------------------------------------------
     ok("eval", "{run} --split val --max-windows 2 --device cpu", "nll", "ppl", "bpb"),
     bad("eval", "{tmp}/missing", "{tmp}/missing does not exist"),
@@ -172,6 +180,8 @@ ROWS = [
     ok("study", "{study} --out {tmp}/study --jobs 1 --no-progress --no-report", "1 of 1 runs are finished already",
        world="study_copy"),
     ok("study", "{study} --dry-run --jobs 1 --out {tmp}/study", "1 distinct runs"),
+    ok("study", "{study} --dry-run --jobs 1 --out {tmp}/study --train.lr auto --no-tune", "no lr tuning (--no-tune)",
+       "fixed rate: at 0.0003: tf-1"),
     bad("study", "--dry-run --jobs 0", "--jobs must be at least 1, got 0"),
     bad("study", "--dry-run --jobs -2", "--jobs must be at least 1, got -2"),
     bad("study", "{study} --dry-run --grid model.nokey=1,2", "--grid model.nokey", "model.n_layers"),
@@ -247,6 +257,23 @@ def _tuned(w: World) -> None:
     path.write_text(yaml.safe_dump(data))
 
 
+def _sweeping(w: World) -> None:
+    """Stopped during its lr sweep (`train.lr: auto`): config.yaml says auto, no checkpoint or summary yet."""
+    _interrupted(w)
+    shutil.rmtree(w.copy / "checkpoints")
+    path = w.copy / "config.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["train"]["lr"] = "auto"
+    path.write_text(yaml.safe_dump(data))
+
+
+def _auto_config(w: World) -> None:
+    """The row's tiny config with `train.lr: auto`, as {tmp}/auto.yaml."""
+    data = yaml.safe_load(Path(w.values["config"]).read_text())
+    data["train"]["lr"] = "auto"
+    (w.tmp / "auto.yaml").write_text(yaml.safe_dump(data))
+
+
 def _damaged_latest(w: World) -> None:
     (w.copy / "summary.json").unlink()
     shutil.rmtree(w.copy / "final")
@@ -274,6 +301,8 @@ WORLDS: dict[str, Callable[[World], None]] = {
     "finished": lambda w: None,
     "interrupted": _interrupted,
     "tuned": _tuned,
+    "sweeping": _sweeping,
+    "auto_config": _auto_config,
     "damaged_latest": _damaged_latest,
     "damaged_final": lambda w: (w.copy / "final" / "config.json").unlink(),
     "edited_heads": _edited_heads,

@@ -147,9 +147,9 @@ def write_fake_run(run: study_plan.StudyRun, numbers: dict[str, Any], evals: int
     (d / "eval.json").write_text(json.dumps(record), encoding="utf-8")
 
 
-def make_fake_study(root: Path, numbers, seeds: int = 1, monkeypatch=None) -> Path:
+def make_fake_study(root: Path, numbers, seeds: int = 1, monkeypatch=None, **plan_args) -> Path:
     monkeypatch.setattr(study_plan, "_prepare", _fake_prepare)
-    plan = study_plan.plan_study(load_study(), root, budget="quick", seeds=seeds, progress=False)
+    plan = study_plan.plan_study(load_study(), root, budget="quick", seeds=seeds, progress=False, **plan_args)
     plan.baselines = FAKE_BASELINES
     study_plan.write_study_json(plan)
     for run in plan.runs.values():
@@ -300,6 +300,23 @@ def test_report_from_logs_has_every_section(tmp_path, monkeypatch):
     dirs = {e["label"]: e["runs"] for g in record["groups"] for e in g["entries"]}
     assert dirs["transformer-pico"] == dirs["transformer-pico-pre-absolute"]
     assert dirs["kgram-pico-onehot"] == dirs["kgram-pico-k3-onehot"]
+
+
+def test_a_no_tune_report_says_which_fixed_rate_the_runs_trained_at(tmp_path, monkeypatch):
+    # --train.lr auto --no-tune: every run asked for auto, none was tuned, all trained at quick's 5e-3
+    study = make_fake_study(tmp_path / "study", original_numbers, monkeypatch=monkeypatch,
+                            overrides={"train.lr": "auto"}, tune=False)
+    index = build_study_report(study)
+    sections = read_page(index)
+    md = (study / "report" / "report.md").read_text()
+    assert "learning-rates" not in sections and "chosen per model by an lr sweep" not in md
+    lr_row = next(r for r in sections["budget"]["tables"][0][1:] if r[0] == "train.lr")
+    assert lr_row == ["train.lr", "0.0003", "0.005", "all runs (--no-tune: no lr sweep)"]
+    assert ("Learning rate: not tuned (--no-tune): no lr sweep ran, and every run trained at a fixed peak rate "
+            "(0.005; the lr column") in md
+    assert "under --no-tune they trained at the fixed rate instead: 0.005 for lstm-pico, lstm-tiny, " in md
+    rates = {r[0]: r[1] for r in _table(sections, "group-size")[1:] if not r[0].endswith("(baseline)")}
+    assert len(rates) == 12 and set(rates.values()) == {"0.005"}  # the results tables' lr column
 
 
 def test_seeds_give_mean_and_std_and_noise_verdicts(tmp_path, monkeypatch):
@@ -472,6 +489,7 @@ def test_learning_rates_equal_compute_and_single_seed_notice(tmp_path, monkeypat
     # the lr sweeps: a plot and a table with every model's losses and chosen rate
     lrs = sections["learning-rates"]
     assert len(lrs["images"]) == 1
+    assert "peak rate (dotted: the unigram and bigram baselines)" in md  # one data: its baselines are drawn
     chosen = {r[0]: r[-1] for r in lrs["tables"][0][1:]}
     assert len(chosen) == 23 and chosen["lstm-tiny"] == "0.03 (edge)" and chosen["lstm-pico"] == "0.003"
     assert "lr at grid edge: lstm-tiny" in md

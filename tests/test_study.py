@@ -145,6 +145,31 @@ def test_budget_seeds_only_and_dry_run(tiny_study, tmp_path, sample_path, cache_
     assert "distinct runs" in captured.out
 
 
+def test_no_tune_plans_no_sweep_for_a_study_file_that_asks_for_lr_auto(tiny_study, tmp_path, sample_path,
+                                                                        cache_dir, capsys):
+    """`train.lr: auto` in the study file is tuned, even by a budget that does not tune, unless --no-tune:
+    then no sweep is planned and the run trains at the rate the layers below the auto give (base: 3e-3)."""
+    asks = tmp_path / "asks.yaml"
+    asks.write_text(TINY_STUDY.replace("preset: kgram-pico, grid:", "preset: kgram-pico, set: {train.lr: auto}, grid:"),
+                    encoding="utf-8")
+    args = ("--only", "kgram-pico-k1-onehot", "--seeds", "1", "--dry-run")
+    assert _study(asks, tmp_path / "a", sample_path, cache_dir, *args) == 0
+    captured = capsys.readouterr()
+    assert "lr sweeps for 1 models" in captured.err and "4 lr sweep runs (1 models x 4 rates" in captured.out
+    run = next(ln for ln in captured.out.splitlines() if ln.startswith("kgram-pico-k1-onehot "))
+    assert run.split()[3] == "auto"
+    assert sum(ln.startswith("kgram-pico-k1-onehot lr ") for ln in captured.out.splitlines()) == 4
+    # --no-tune: no sweep run, the numeric rate in the run's config and in the table, and a line saying so
+    assert _study(asks, tmp_path / "b", sample_path, cache_dir, *args, "--no-tune") == 0
+    captured = capsys.readouterr()
+    assert "no lr tuning (--no-tune)" in captured.err
+    assert "--no-tune: no lr sweep; the runs set to train.lr auto train at a fixed rate: at 0.003: " \
+           "kgram-pico-k1-onehot" in captured.err
+    jobs = [ln for ln in captured.out.splitlines() if ln.startswith("kgram-pico-k1-onehot")]
+    assert len(jobs) == 1 and jobs[0].split()[3] == "0.003"
+    assert "lr sweep runs" not in captured.out and "1 distinct runs" in captured.out
+
+
 @pytest.mark.slow
 def test_jobs_train_runs_in_parallel_processes_with_the_same_results(tiny_study, tmp_path, sample_path, cache_dir,
                                                                       capsys):

@@ -91,6 +91,61 @@ def test_no_tune_leaves_plans_without_sweeps_and_their_run_ids_unchanged(tmp_pat
     assert study_plan.run_identity(auto) != before
 
 
+ASKS_FOR_AUTO = """
+default_budget: fixed
+base: {train: {lr: 1.0e-3}, data: {tokenizer: "bpe:300"}}
+budgets:
+  fixed:
+    set: {train.lr: 2.0e-3}
+    rules: [{where: {family: lstm}, set: {train.lr: auto}}]
+  sweeps:
+    tune: true
+    set: {train.lr: 5.0e-3}
+groups:
+  g:
+    runs:
+      - {name: "kgram-{input}", preset: kgram-pico, set: {train.lr: auto}, grid: {model.input: [onehot, scaled]}}
+      - {name: "transformer-grid-{lr}", preset: transformer-pico, grid: {train.lr: [auto, 4.0e-3]}}
+      - {name: "lstm", preset: lstm-pico}
+      - {name: "transformer", preset: transformer-pico}
+"""
+
+
+def test_no_tune_turns_every_auto_into_the_fixed_rate_and_plans_no_sweep(tmp_path, monkeypatch):
+    monkeypatch.setattr(study_plan, "_prepare", _fake_prepare)
+    spec = _spec(ASKS_FOR_AUTO)
+    # without --no-tune the study file's autos are tuned, even in a budget that does not tune
+    tuned = study_plan.plan_study(spec, tmp_path / "a", progress=False)
+    assert {label: r.config["train"]["lr"] for r in tuned.runs.values() for _, label in r.uses} == {
+        "kgram-onehot": "auto", "kgram-scaled": "auto", "transformer-grid-auto": "auto",
+        "transformer-grid-0.004": 4e-3, "lstm": "auto", "transformer": 2e-3}
+    assert len(tuned.sweeps) == 4 and not tuned.untuned and not tuned.no_tune
+    # --no-tune: an auto from a block, a grid or a rule is the rate the layers below it give (the budget's)
+    fixed = study_plan.plan_study(spec, tmp_path / "b", tune=False, progress=False)
+    rates = {label: r.config["train"]["lr"] for r in fixed.runs.values() for _, label in r.uses}
+    assert rates == {"kgram-onehot": 2e-3, "kgram-scaled": 2e-3, "transformer-grid-auto": 2e-3,
+                     "transformer-grid-0.004": 4e-3, "lstm": 2e-3, "transformer": 2e-3}
+    assert len(fixed.runs) == 5  # the grid's untuned auto is the plain transformer's run: one directory
+    assert not fixed.sweeps and all(r.sweep is None for r in fixed.runs.values())
+    assert fixed.untuned == {"kgram-onehot": 2e-3, "kgram-scaled": 2e-3, "transformer-grid-auto": 2e-3,
+                             "lstm": 2e-3}
+    record = study_plan.study_record(fixed)
+    assert record["no_tune"] is True and record["tune"] is False and record["untuned"] == fixed.untuned
+    # --train.lr auto on the command line: the same; a tuning budget: its documented fixed rate
+    cli = study_plan.plan_study(spec, tmp_path / "c", budget="sweeps", overrides={"train.lr": "auto"}, tune=False,
+                                progress=False)
+    assert not cli.sweeps and {r.config["train"]["lr"] for r in cli.runs.values()} == {5e-3, 4e-3}
+    assert cli.untuned["transformer"] == 5e-3 and "transformer-grid-0.004" in cli.untuned
+    row = next(r for r in cli.budget_changes if r["key"] == "train.lr")
+    assert row["budget"] == 5e-3 and row["where"] == "all runs (--no-tune: no lr sweep)"
+    tuning_row = next(r for r in study_plan.budget_changes(spec, "sweeps") if r["key"] == "train.lr")
+    assert tuning_row["budget"] == "auto: an lr sweep per model (--no-tune: 0.005)"
+    # auto everywhere and no number anywhere: the trainer's default rate
+    bare = _spec(ASKS_FOR_AUTO.replace("lr: 1.0e-3", "lr: auto").replace("set: {train.lr: 2.0e-3}", "set: {}"))
+    runs = [r for g in expand(bare, "fixed", tune=False) for r in g.runs]
+    assert {r.label: r.config_dict()["train"]["lr"] for r in runs}["lstm"] == RunConfig().train.lr
+
+
 def test_grid_over_dotted_keys_labels_tags_and_budget_rules():
     groups = expand(_spec(MINIMAL), "b")
     runs = groups[0].runs

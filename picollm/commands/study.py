@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, metavar="K",
                         help="repeat every run with K seeds (default: the budget's; quick: 2)")
     parser.add_argument("--no-tune", action="store_true",
-                        help="no lr sweeps: every run trains at the budget's fixed learning rate (quick: 5e-3)")
+                        help="no lr sweep at all: every run trains at a fixed rate, and a train.lr auto (study "
+                             "file or --train.lr) becomes the rate the run would have without it: the budget's "
+                             "train.lr (quick: 5e-3), else base's, else 3e-4")
     parser.add_argument("--only", metavar="NAMES",
                         help="comma-separated groups (a selecting group brings the groups it selects from) or "
                              "run labels / patterns, e.g. --only size or --only 'kgram-pico-*,lstm-tiny'")
@@ -84,10 +86,18 @@ def run(args: argparse.Namespace) -> int:
                       progress=not args.no_progress, tune=False if args.no_tune else None)
     jobs = args.jobs if args.jobs is not None else default_jobs()
     n_uses = sum(len(e["runs"]) for g in plan.groups for e in g["entries"])
-    tuning = f"lr sweeps for {len(plan.sweeps)} models" if plan.sweeps else "no lr tuning"
+    tuning = (f"lr sweeps for {len(plan.sweeps)} models" if plan.sweeps else
+              "no lr tuning (--no-tune)" if plan.no_tune else "no lr tuning")
     print(f"[study] {spec.title}: budget {budget}, {len(plan.groups)} groups, {len(plan.runs)} distinct runs "
           f"({n_uses} uses by the groups), {len(plan.seeds)} seed(s), {tuning}, {jobs} at a time; directory {out}",
           file=sys.stderr)
+    if plan.untuned:  # auto asked for by the study file or --train.lr auto: say what it became
+        by_rate: dict[float, list[str]] = {}
+        for label, lr in plan.untuned.items():
+            by_rate.setdefault(lr, []).append(label)
+        rates = "; ".join(f"at {lr:g}: {', '.join(labels)}" for lr, labels in by_rate.items())
+        print(f"[study] --no-tune: no lr sweep; the runs set to train.lr auto train at a fixed rate: {rates}",
+              file=sys.stderr)
     if args.dry_run:
         print(format_dry_run(dry_run_rows(plan, jobs=jobs), jobs=jobs))
         return 0

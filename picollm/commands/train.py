@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from picollm.config import SECTIONS
 from picollm.errors import UserError
@@ -23,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "data); the change is recorded in the run's history.jsonl")
     parser.add_argument("--dry-run", action="store_true",
                         help="print parameters, tokens, FLOPs and estimated time; train nothing")
+    parser.add_argument("--no-tune", action="store_true",
+                        help="never run an lr sweep: a run whose train.lr is auto is refused (one model has no "
+                             "fixed rate to fall back on; give one with --train.lr)")
     parser.add_argument("--fresh", action="store_true",
                         help="start over even if the run directory holds checkpoints (with --resume: from its config)")
     parser.add_argument("--data", help="shortcut for --data.data (hf:NAME or a local file/folder)")
@@ -63,7 +67,16 @@ def parse_overrides(extra: list[str]) -> dict[str, object]:
     return overrides
 
 
+def _refuse_auto(lr: object, what: str) -> None:
+    """--no-tune with train.lr auto: a sweep is the only way `picollm train` has to choose that rate (a study
+    falls back on its budget's fixed rate; one run has none that suits every model), so say which to drop."""
+    if lr == "auto":
+        raise UserError(f"--no-tune and {what} contradict: give the rate, e.g. --train.lr 3e-3, or drop "
+                        "--no-tune to let an lr sweep choose it")
+
+
 def run(args: argparse.Namespace) -> int:
+    from picollm import rundir
     from picollm.config import load_run_config
 
     overrides = parse_overrides(args.overrides)
@@ -80,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     from picollm.training import lr_search
     from picollm.training.trainer import dry_run, resume_run, train
 
+    if args.no_tune and "train.lr" in overrides:
+        _refuse_auto(overrides["train.lr"], "--train.lr auto")
     if args.from_step is not None and not args.resume:
         raise UserError("--from-step N goes with --resume RUN_DIR (the run to continue from its step N)")
     if args.fresh and (args.from_step is not None or args.allow_recipe_change):
@@ -89,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--resume continues a run from its own config.yaml; drop --config/--preset")
         if args.dry_run:
             raise UserError("--dry-run estimates a new run: use it with --config or --preset, not --resume")
+        if args.no_tune and "train.lr" not in overrides:
+            _refuse_auto(rundir.read_run_config(Path(args.resume)).train.lr,
+                         f"train.lr auto in {Path(args.resume) / rundir.CONFIG} (its lr sweep has not chosen a rate)")
         result = resume_run(args.resume, progress=not args.no_progress, overrides=overrides,
                             allow_recipe_change=args.allow_recipe_change, from_step=args.from_step,
                             fresh=args.fresh)
@@ -101,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         elif args.config is None:
             overrides["out"] = f"runs/{name}"
         config = load_run_config(args.config, overrides, preset=args.preset)
+        if args.no_tune and "train.lr" not in overrides:
+            _refuse_auto(config.train.lr, f"train.lr auto in {args.config}")
         if args.dry_run:
             report = dry_run(lr_search.timing_config(config))
             if config.train.lr == "auto":  # the sweep: a run per grid rate at lr_sweep_fraction of the steps

@@ -140,13 +140,15 @@ def simulate(rows: list[dict[str, Any]], jobs: int) -> float:
 
 
 def format_dry_run(rows: list[dict[str, Any]], jobs: int = 1) -> str:
-    head = f"{'job':40s} {'seed':>4s} {'groups':22s} {'params':>10s} {'non-emb':>10s} {'tokens':>11s} " \
+    head = f"{'job':40s} {'seed':>4s} {'groups':22s} {'lr':>7s} {'params':>10s} {'non-emb':>10s} {'tokens':>11s} " \
            f"{'FLOPs':>9s} {'tok/s':>8s} {'est.':>8s}  status"
     lines = [head, "-" * len(head)]
     for r in rows:
         speed = (f"{r['tokens_per_s']:>8,.0f} {duration(r['est_seconds']):>8s}" if r["est_seconds"] is not None
                  else f"{'n/a':>8s} {'n/a':>8s}")  # not measured: too large for this machine's memory
-        lines.append(f"{r['run'][:40]:40s} {r['seed']:>4} {','.join(r['groups'])[:22]:22s} {r['num_parameters']:>10,} "
+        lr = r["lr"] if isinstance(r["lr"], str) else f"{r['lr']:g}"  # auto: the sweep chooses it
+        lines.append(f"{r['run'][:40]:40s} {r['seed']:>4} {','.join(r['groups'])[:22]:22s} {lr:>7s} "
+                     f"{r['num_parameters']:>10,} "
                      f"{r['num_parameters_non_embedding']:>10,} {r['tokens']:>11,} {r['flops']:>9.2e} "
                      f"{speed}  {'finished' if r['finished'] else 'to train'}")
     lines.append("-" * len(head))

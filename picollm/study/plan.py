@@ -28,7 +28,6 @@ from picollm import rundir
 from picollm.baselines import cached_baselines
 from picollm.config import DataConfig, RunConfig, from_dict, to_dict
 from picollm.data.prepare import prepare
-from picollm.errors import UserError
 from picollm.fileio import write_json_atomic
 from picollm.models.registry import get_family, model_config_from_dict, model_config_to_dict, preset_fields
 from picollm.models.sizing import count_parameters, solve
@@ -102,7 +101,10 @@ class StudyPlan:
     budget_changes: list[dict[str, Any]]
     prepared: dict[str, Any] = field(default_factory=dict)  # data key -> PreparedData
     sweeps: dict[str, Sweep] = field(default_factory=dict)
-    tune: bool = False
+    tune: bool = False  # whether the budget (or --tune) sets train.lr auto
+    no_tune: bool = False  # --no-tune: nothing is tuned, whatever asked for auto
+    untuned: dict[str, float] = field(default_factory=dict)  # --no-tune: label -> the fixed rate of a run that
+    # asked for train.lr auto itself (study file or command line), not merely by the budget's `tune`
     baselines: dict[str, Any] = field(default_factory=dict)  # prepared data name -> picollm.baselines record
 
 
@@ -189,9 +191,10 @@ def plan_study(spec: StudySpec, out: str | Path, budget: str | None = None, seed
                progress: bool = True, tune: bool | None = None) -> StudyPlan:
     """Resolve every run of the study (preparing each distinct data config once) and its directory.
 
-    `seeds` and `tune` default to the budget's. `grid` replaces the values of a grid key wherever a block
-    uses it (`--grid`); `extend` appends values to it (`--with-base` is `{"size": ["base"]}`).
-    """
+    `seeds` and `tune` default to the budget's; `tune=False` is --no-tune: no sweep at all, and a run that
+    asks for train.lr auto trains at the fixed rate (`spec.fixed_lr`). `grid` replaces the values of a grid
+    key wherever a block uses it (`--grid`); `extend` appends values to it (`--with-base` is
+    `{"size": ["base"]}`)."""
     budget = budget or spec.default_budget
     out = Path(out)
     spec = copy.deepcopy(spec)
@@ -205,10 +208,11 @@ def plan_study(spec: StudySpec, out: str | Path, budget: str | None = None, seed
                     block.grid[key] = block.grid[key] + [v for v in values if v not in block.grid[key]]
     b = spec.budgets.get(budget)
     tuning = (b.tune if b else False) if tune is None else tune
-    planned = expand(spec, budget, seeds=seeds, only=only, cli=overrides, tune=tuning)
+    planned = expand(spec, budget, seeds=seeds, only=only, cli=overrides, tune=tune)
     b = spec.budgets[budget]
     settings = eval_settings(spec, budget)
-    plan = StudyPlan(spec, budget, [], out, [], {}, settings, budget_changes(spec, budget), tune=tuning)
+    plan = StudyPlan(spec, budget, [], out, [], {}, settings, budget_changes(spec, budget, no_tune=tune is False),
+                     tune=tuning, no_tune=tune is False)
     existing = _existing(out / "runs")
     existing_sweeps = _existing(out / rundir.SWEEP_DIR)
     first_seed = min((r.seed for pg in planned for r in pg.runs), default=0)
@@ -235,10 +239,9 @@ def plan_study(spec: StudySpec, out: str | Path, budget: str | None = None, seed
                 steps = planned_steps(config, prep.num_tokens("train"))
                 config.train.eval_interval = max(1, steps // b.evals_per_run)
             sweep_key = None
+            if run.untuned:
+                plan.untuned[run.label] = float(config.train.lr)
             if config.train.lr == "auto":
-                if tune is False:
-                    raise UserError(f"--no-tune: run {run.label} of group {pg.spec.name} sets train.lr auto in "
-                                    "the study file; give it a number there, or drop --no-tune")
                 config.train.lr_sweep_seed = first_seed
                 first = copy.deepcopy(config)
                 first.train.seed = first_seed
@@ -285,8 +288,9 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def budget_changes(spec: StudySpec, budget: str) -> list[dict[str, Any]]:
-    """What `budget` changes relative to the study's base recipe: one row per key (and per rule)."""
+def budget_changes(spec: StudySpec, budget: str, no_tune: bool = False) -> list[dict[str, Any]]:
+    """What `budget` changes relative to the study's base recipe: one row per key (and per rule);
+    `no_tune`: as run with --no-tune (the budget's fixed rate, no sweep)."""
     b = spec.budgets[budget]
     defaults = flatten_keys(to_dict(RunConfig()))
     rows = []
@@ -299,7 +303,11 @@ def budget_changes(spec: StudySpec, budget: str) -> list[dict[str, Any]]:
         for key, value in rule.set.items():
             before = b.set.get(key, spec.base.get(key, defaults.get(key)))
             rows.append({"key": key, "base": before, "budget": value, "where": f"runs with {where}"})
-    if b.tune:  # the fixed rate applies with --no-tune only
+    if b.tune and no_tune:  # the fixed rate, and why it is not the sweep's
+        for row in rows:
+            if row["key"] == "train.lr":
+                row["where"] = f"{row['where']} (--no-tune: no lr sweep)"
+    elif b.tune:  # the fixed rate applies with --no-tune only
         for row in rows:
             if row["key"] == "train.lr":
                 row["budget"] = f"auto: an lr sweep per model (--no-tune: {row['budget']:g})"
@@ -335,6 +343,8 @@ def study_record(plan: StudyPlan) -> dict[str, Any]:
         "budget_changes": plan.budget_changes,
         "seeds": plan.seeds,
         "tune": plan.tune,
+        "no_tune": plan.no_tune,
+        "untuned": plan.untuned,
         "eval": to_dict(plan.eval),
         "findings": to_dict(spec.findings),
         "groups": plan.groups,

@@ -163,14 +163,28 @@ def flops_plot(group: GroupResult, path: Path) -> Path | None:
     return path
 
 
-def lr_plot(sweeps: list[dict[str, Any]], path: Path) -> Path | None:
+def lr_plot(sweeps: list[dict[str, Any]], path: Path, baseline: dict[str, Any] | None = None) -> Path | None:
     """Final validation loss of each sweep run against its learning rate, a curve per model, the chosen
-    rate marked."""
-    drawn = [s for s in sweeps if any(loss is not None for _, loss in s["losses"])]
-    if not drawn:
-        return None
+    rate marked, and the unigram and bigram baselines of the data (`baseline`, a picollm.baselines record)
+    as reference lines: a point near the unigram line did not train at that rate."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10.5, 5.4), dpi=110)
+    drawn = draw_lr_sweeps(ax, sweeps, baseline)
+    if not drawn:
+        plt.close(fig)
+        return None
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def draw_lr_sweeps(ax: Any, sweeps: list[dict[str, Any]], baseline: dict[str, Any] | None = None) -> int:
+    """`lr_plot`'s drawing on `ax`; the number of sweeps drawn (0: none has a loss, nothing is drawn)."""
+    drawn = [s for s in sweeps if any(loss is not None for _, loss in s["losses"])]
+    if not drawn:
+        return 0
     for i, s in enumerate(drawn):
         points = [(lr, loss) for lr, loss in s["losses"] if loss is not None]
         color = COLORS[i % len(COLORS)]
@@ -183,6 +197,7 @@ def lr_plot(sweeps: list[dict[str, Any]], path: Path) -> Path | None:
         if chosen is not None:
             ax.plot([s["chosen"]], [chosen], "*", color=color, markersize=11, markeredgecolor="black",
                     markeredgewidth=0.5)
+    _baselines(ax, baseline)
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final validation loss of the sweep run (nats/token)")
@@ -191,8 +206,4 @@ def lr_plot(sweeps: list[dict[str, Any]], path: Path) -> Path | None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=6.5, ncol=2 if len(drawn) > 8 else 1, loc="center left", bbox_to_anchor=(1.01, 0.5),
               framealpha=0.85)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return len(drawn)

@@ -215,14 +215,15 @@ class StudyResults:
 
     def sweeps(self) -> list[dict[str, Any]]:
         """The lr sweeps of the runs, one per model configuration (its seeds share it), from the runs'
-        summaries: {label, losses [[lr, val NLL or None]], chosen, at_edge, wall_time_s}."""
+        summaries: {label, losses [[lr, val NLL or None]], chosen, at_edge, wall_time_s, ...} and the
+        baselines of the data it ran on (`baseline`: a picollm.baselines record, or None)."""
         out: dict[str, dict[str, Any]] = {}
         for g in self.groups:
             for e in g.entries:
                 for r in e.finished:
                     sweep = (r.summary or {}).get("lr_sweep")
                     if isinstance(sweep, dict) and sweep.get("losses") and sweep.get("dir") not in out:
-                        out[sweep.get("dir")] = {**sweep, "label": e.label}
+                        out[sweep.get("dir")] = {**sweep, "label": e.label, "baseline": r.baseline}
         return list(out.values())
 
     def runs(self) -> list[RunLog]:

@@ -3,6 +3,7 @@ group, and the runs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from picollm.study import plots
@@ -38,6 +39,8 @@ def budget_section(results: StudyResults) -> Section:
     if rec.get("tune"):
         sec.blocks.append("Learning rate: chosen per model by an lr sweep (train.lr auto; see Learning rates); "
                           "with --no-tune every run trains at the fixed train.lr above.")
+    elif rec.get("no_tune"):
+        sec.blocks.append(_no_tune_text(results))
     # what it came to: tokens, epochs, vocabulary, context
     runs = [r for r in results.runs() if r.finished]
     if runs:
@@ -63,6 +66,27 @@ def budget_section(results: StudyResults) -> Section:
     return sec
 
 
+def _no_tune_text(results: StudyResults) -> str:
+    """What --no-tune did: no sweep, and the fixed rates the runs trained at."""
+    rates: set[float] = set()
+    for r in results.runs():  # the rate summary.json records, else the config's (a run not finished yet)
+        lr = (r.summary or {}).get("lr", (r.config.get("train") or {}).get("lr"))
+        if isinstance(lr, int | float):
+            rates.add(float(lr))
+    shown = ", ".join(fmt_value(lr, "lr") for lr in sorted(rates)) or "—"
+    text = (f"Learning rate: not tuned (--no-tune): no lr sweep ran, and every run trained at a fixed peak rate "
+            f"({shown}; the lr column of the results tables gives each run's).")
+    untuned: dict[str, float] = results.record.get("untuned") or {}
+    if untuned:
+        by_rate: dict[float, list[str]] = {}
+        for label, lr in untuned.items():
+            by_rate.setdefault(lr, []).append(label)
+        text += (" Some runs asked for train.lr auto (in the study file or on the command line); under --no-tune "
+                 "they trained at the fixed rate instead: " + "; ".join(f"{fmt_value(lr, 'lr')} for {', '.join(labels)}"
+                                                for lr, labels in by_rate.items()) + ".")
+    return text
+
+
 def _range(values: list[float], kind: str) -> str:
     lo, hi = values[0], values[-1]
     f = (lambda v: fmt_value(v, "count")) if kind == "count" else (lambda v: f"{v:.2f}")
@@ -84,9 +108,13 @@ def lr_section(results: StudyResults, image_dir: Path) -> Section | None:
         "ranking is noise), the sweep is repeated with runs twice as long, up to the whole run. The seeds of a "
         "model share its sweep. Every model is tuned the same way, so no family is held back by a rate that "
         "suits another.")
-    img = plots.lr_plot(sweeps, image_dir / "lr-sweeps.png")
+    # the baselines as reference lines, when every sweep ran on the same data (else no single line is right)
+    baselines = {json.dumps(s["baseline"], sort_keys=True) for s in sweeps}
+    baseline = sweeps[0]["baseline"] if len(baselines) == 1 else None
+    img = plots.lr_plot(sweeps, image_dir / "lr-sweeps.png", baseline)
     if img:
-        sec.blocks.append(Image(img, "Learning-rate sweeps: final validation loss against the peak rate"))
+        lines = " (dotted: the unigram and bigram baselines)" if baseline else ""
+        sec.blocks.append(Image(img, f"Learning-rate sweeps: final validation loss against the peak rate{lines}"))
     sec.blocks.append(lr_table(results, sweeps))
     longer = [f"{s['label']} ({s['length']:g})" for s in sweeps if s.get("length", s["fraction"]) != s["fraction"]]
     if longer:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from picollm.config import SECTIONS
+from picollm.config import SECTIONS, TrainConfig
 from picollm.errors import UserError, check
 from picollm.models.registry import PRESET_NAMES, preset_fields
 from picollm.schema import apply_overrides, flatten_keys, from_dict, load_yaml, to_dict
@@ -159,7 +159,7 @@ class RuleSpec:
 class BudgetSpec:
     description: str = ""
     evals_per_run: int | None = None  # sets train.eval_interval so each run has about this many evaluations
-    tune: bool = False  # train.lr auto for every run that does not set train.lr itself (--no-tune: off)
+    tune: bool = False  # train.lr auto for every run that does not set train.lr itself (--no-tune: off, below)
     seeds: int = 1  # seeds per run unless --seeds says otherwise
     set: dict[str, Any] = field(default_factory=dict)
     rules: list[RuleSpec] = field(default_factory=list)
@@ -294,6 +294,7 @@ class PlannedRun:
     preset: str | None
     match: MatchSpec | None = None
     explicit: set[str] = field(default_factory=set)  # keys a block, grid, rule or the command line sets
+    untuned: bool = False  # a layer asked for train.lr auto, and --no-tune gave it the fixed rate instead
 
     def config_dict(self) -> dict:
         data: dict = {"model": preset_fields(self.preset)} if self.preset else {}
@@ -352,8 +353,17 @@ def eval_settings(spec: StudySpec, budget: str) -> EvalSpec:
     return from_dict(EvalSpec, {**_eval_dict(spec.eval), **b.eval}, prefix=f"budgets.{budget}.eval")
 
 
+def fixed_lr(layers: list[dict[str, Any]]) -> float:
+    """The rate of a run that asked for `train.lr: auto` under --no-tune: the last number the layers (in
+    expansion order) give train.lr, as if no layer had said auto: the budget's fixed rate (quick: 5e-3)
+    unless a later layer sets its own, else base's, else the trainer's default."""
+    rates = [layer["train.lr"] for layer in layers if layer.get("train.lr", "auto") != "auto"]
+    return rates[-1] if rates else TrainConfig().lr
+
+
 def expand_block(spec: StudySpec, group: str, index: int, block: BlockSpec, budget: BudgetSpec,
-                 seeds: list[int], cli: dict[str, Any], tune: bool = False) -> list[PlannedRun]:
+                 seeds: list[int], cli: dict[str, Any], tune: bool = False,
+                 no_tune: bool = False) -> list[PlannedRun]:
     where = f"groups.{group}.runs[{index}]"
     keys = list(block.grid)
     runs = []
@@ -372,8 +382,8 @@ def expand_block(spec: StudySpec, group: str, index: int, block: BlockSpec, budg
             family = name or None
             if size in PRESET_NAMES:
                 tags["size"] = size
-        settings = {**spec.base, **budget.set, **block.set}
-        settings.update({k: v for k, v in chosen.items() if "." in k})
+        grid_set = {k: v for k, v in chosen.items() if "." in k}
+        settings = {**spec.base, **budget.set, **block.set, **grid_set}
         family = settings.get("model.family", family)
         if family is None:
             raise UserError(f"study key '{where}': give a preset (e.g. lstm-pico) or model.family")
@@ -389,27 +399,33 @@ def expand_block(spec: StudySpec, group: str, index: int, block: BlockSpec, budg
         else:
             in_preset = set(_PLACEHOLDER.findall(block.preset or ""))
             label = "-".join([preset or family] + [_fmt(v) for k, v in chosen.items() if k not in in_preset])
-        explicit = set(block.set) | {k for k in chosen if "." in k} | set(cli)
-        for rule in budget.rules:
-            if tags_match(tags, rule.where):
-                settings.update(rule.set)
-                explicit |= set(rule.set)
+        explicit = set(block.set) | set(grid_set) | set(cli)
+        rules = [rule.set for rule in budget.rules if tags_match(tags, rule.where)]
+        for rule_set in rules:
+            settings.update(rule_set)
+            explicit |= set(rule_set)
         if tune and "train.lr" not in explicit:  # the budget tunes: a sweep chooses this model's rate
             settings["train.lr"] = "auto"
         settings.update(cli)
+        untuned = no_tune and settings.get("train.lr") == "auto"
+        if untuned:  # --no-tune wins over an auto from any layer: no sweep, the fixed rate
+            settings["train.lr"] = fixed_lr([spec.base, budget.set, block.set, grid_set, *rules, cli])
         for seed in seeds:
             runs.append(PlannedRun(group=group, label=label, tags=dict(tags), seed=seed,
                                    overrides={**settings, "train.seed": seed}, preset=preset,
-                                   match=copy.deepcopy(block.match), explicit=explicit))
+                                   match=copy.deepcopy(block.match), explicit=explicit, untuned=untuned))
     return runs
 
 
 def expand(spec: StudySpec, budget: str, seeds: int | None = None, only: list[str] | None = None,
            cli: dict[str, Any] | None = None, tune: bool | None = None) -> list[PlannedGroup]:
     """Every group's runs for `budget`, `seeds` seeds each (train.seed = 0..seeds-1 + base seed; None: the
-    budget's `seeds`). `tune`: train.lr auto where no layer sets train.lr (None: the budget's `tune`)."""
+    budget's `seeds`). `tune`: None: the budget's `tune` (train.lr auto where no layer sets train.lr);
+    True: that for any budget; False (--no-tune): no run is tuned, and an auto that a layer (base, budget,
+    block, grid, rule, command line) asks for becomes the fixed rate of `fixed_lr`."""
     b = budget_overrides(spec, budget)
     seeds = b.seeds if seeds is None else seeds
+    no_tune = tune is False
     tune = b.tune if tune is None else tune
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
@@ -424,7 +440,7 @@ def expand(spec: StudySpec, budget: str, seeds: int | None = None, only: list[st
         group = spec.groups[name]
         pg = PlannedGroup(group)
         for i, block in enumerate(group.runs):
-            pg.runs.extend(expand_block(spec, name, i, block, b, seed_list, dict(cli or {}), tune))
+            pg.runs.extend(expand_block(spec, name, i, block, b, seed_list, dict(cli or {}), tune, no_tune))
         labels = [r.label for r in pg.runs if r.seed == seed_list[0]]
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
