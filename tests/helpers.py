@@ -61,3 +61,16 @@ def wait_for_train_rows(proc: subprocess.Popen, out: Path, rows: int = 2, timeou
         if metrics.is_file() and metrics.read_text().count('"train"') >= rows:
             return
         time.sleep(0.01)
+
+
+def assert_same_loss_and_gradients(model: torch.nn.Module, want_loss, got_loss, atol: float = 1e-5) -> None:
+    """`got_loss()` and `want_loss()` (each a scalar loss of `model`) agree, and so do their gradients."""
+    want = want_loss()
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    got = got_loss()
+    got.backward()
+    assert abs(got.item() - want.item()) < 1e-5
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, want_grads[name], atol=atol), name

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_same_loss_and_gradients
 
 from picollm.bench.markdown import markdown
 from picollm.bench.targets import cpu_targets, target
@@ -31,15 +32,8 @@ def test_kgram_loop_reference_equals_the_vectorised_model(input_kind):
                          "inner_layers": 2, "vocab_size": 40, "context_length": 16})
     x = torch.randint(0, 40, (2, 7))
     y = torch.randint(0, 40, (2, 7))
-    loop = kgram_loop_loss(model, x, y)
-    loop.backward()
-    want = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    vec = model_loss(model, x, y, chunk_tokens=5)
-    vec.backward()
-    assert abs(loop.item() - vec.item()) < 1e-5
-    for name, p in model.named_parameters():
-        assert torch.allclose(p.grad, want[name], atol=1e-6), name
+    assert_same_loss_and_gradients(model, lambda: kgram_loop_loss(model, x, y),
+                                   lambda: model_loss(model, x, y, chunk_tokens=5), atol=1e-6)
 
 
 def test_picollm_and_baseline_steps_train_the_same_objective():

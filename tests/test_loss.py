@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_MODEL
+from helpers import TINY_MODEL, assert_same_loss_and_gradients
 
 from picollm import loss as loss_mod
 from picollm.loss import block_rows, linear_cross_entropy, model_loss, release_workspace
@@ -21,15 +21,8 @@ def test_chunked_loss_and_gradients_equal_the_plain_path(family_spec):
     model = build_model(family_spec)
     x = torch.randint(0, 300, (3, 17))
     y = torch.randint(0, 300, (3, 17))
-    plain = F.cross_entropy(model(x).reshape(-1, 300), y.reshape(-1))
-    plain.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    chunked = model_loss(model, x, y, chunk_tokens=5)
-    chunked.backward()
-    assert abs(chunked.item() - plain.item()) < 1e-5
-    for name, p in model.named_parameters():
-        assert torch.allclose(p.grad, grads[name], atol=1e-5), name
+    assert_same_loss_and_gradients(model, lambda: F.cross_entropy(model(x).reshape(-1, 300), y.reshape(-1)),
+                                   lambda: model_loss(model, x, y, chunk_tokens=5))
 
 
 def test_linear_cross_entropy_sum_bias_and_per_token():
