@@ -228,6 +228,13 @@ def test_tuned_budget_sweeps_once_per_model_and_its_seeds_train_at_the_chosen_ra
     assert _study(tiny_study, out, sample_path, cache_dir, *args, "--jobs", "2") == 0
     err = capsys.readouterr().err
     assert "4 of 4 runs are finished already" in err and "[study] start" not in err
+    # the dry run counts the grid's rates and, apart, those run beyond it (an edge's next rate, a longer sweep)
+    done = sum(1 for sweep in record["sweeps"].values() for p in (out / sweep["dir"]).glob("f*/lr-*")
+               if (p / "lr_point.json").is_file())
+    assert _study(tiny_study, out, sample_path, cache_dir, *args, "--dry-run") == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert f"{done} lr sweep runs (2 models x 2 rates of the grid" in last
+    assert (f"and {done - 4} beyond it already run" in last) == (done > 4)
     # --no-tune: the budget's fixed rate, no sweep
     assert _study(tiny_study, out, sample_path, cache_dir, *args, "--no-tune", "--seeds", "1") == 0
     err = capsys.readouterr().err

@@ -100,7 +100,8 @@ def dry_run_rows(plan: StudyPlan, jobs: int = 1) -> list[dict[str, Any]]:
                              "dir": f"{sweep.key}/f{length:g}/lr-{lr:g}", "groups": ["lr sweep"], "steps": steps,
                              "tokens": tokens, "flops": info["flops_per_token"] * tokens, "est_seconds": est,
                              "finished": lr_search.point_result(Path(point.out)) is not None,
-                             "key": f"{sweep.key}@{length:g}@{lr:g}", "sweep": sweep.key, "lr": lr})
+                             "key": f"{sweep.key}@{length:g}@{lr:g}", "sweep": sweep.key, "lr": lr,
+                             "beyond_grid": (lr, length) not in points[:len(sweep.grid)]})
     finally:
         torch.set_num_threads(before)
     return rows
@@ -159,9 +160,12 @@ def format_dry_run(rows: list[dict[str, Any]], jobs: int = 1) -> str:
     unmeasured = sum(1 for r in todo if r["est_seconds"] is None)
     seeds = sorted({r["seed"] for r in runs})
     models = len({r["sweep"] for r in sweeps})
-    sweep_text = (f", {len(sweeps)} lr sweep runs ({models} models x {len(sweeps) // max(1, models)} rates; not "
-                  "counted: one more rate per model whose best is at an edge of the grid, and the grid again twice "
-                  "as long for a model none of whose sweep runs trained)") if sweeps else ""
+    on_grid = sum(1 for r in sweeps if not r["beyond_grid"])
+    beyond = len(sweeps) - on_grid
+    already = f", and {beyond} beyond it already run (an edge's next rate, a longer sweep)" if beyond else ""
+    sweep_text = (f", {len(sweeps)} lr sweep runs ({models} models x {on_grid // max(1, models)} rates of the "
+                  f"grid{already}; not counted: one more rate per model whose best is at an edge of the grid, and "
+                  "the grid again twice as long for a model none of whose sweep runs trained)") if sweeps else ""
     lines.append(f"{len(runs)} distinct runs ({len(seeds)} seed(s): {', '.join(map(str, seeds))}){sweep_text}; "
                  f"{len(rows) - len(todo)} finished, {len(todo)} to run: {duration(total)} of work"
                  + (f", about {duration(simulate(rows, jobs))} with {jobs} at a time" if jobs > 1 else "")
